@@ -1,0 +1,273 @@
+"""Orchestration: model source -> layer matrices -> spectra -> fits -> metrics -> DataFrame."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import layer_metrics
+from .powerlaw_fit import PowerLawFit, fit_power_law
+from .sources import LayerMatrix, SourceError, layer_matrices
+from .spectra import Spectrum, esd_matrices, resolve_device, spectrum
+
+__all__ = ["analyze", "describe", "summary", "COLUMNS", "SUMMARY_COLUMNS"]
+
+COLUMNS = [
+    "layer_id", "name", "layer_type", "M", "N", "Q", "rf", "num_evals",
+    "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
+    "lambda_max", "spectral_norm", "norm", "log_norm", "log_spectral_norm",
+    "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy",
+    "matrix_rank", "rank_loss", "weak_rank_loss", "sv_max", "sv_min",
+    "status", "warning", "reason", "Lambda", "num_fingers",
+]  # fmt: skip
+
+# Model-wide means (WeightWatcher's get_summary); alpha_weighted is the model's alpha-hat.
+SUMMARY_COLUMNS = [
+    "alpha_weighted", "alpha", "log_norm", "log_alpha_norm", "log_spectral_norm",
+    "stable_rank", "mp_softrank",
+]  # fmt: skip
+
+LayerSelector = Sequence[int | str] | Callable[[LayerMatrix], bool] | None
+# A per-layer hook adds columns: (layer, scaled ESD matrices, spectrum, fit) -> {column: value}
+LayerHook = Callable[[LayerMatrix, list[torch.Tensor], Spectrum, PowerLawFit], dict]
+
+
+def _skip_reason(lm: LayerMatrix, min_evals: int, max_evals: int, max_N: int) -> str:
+    num = lm.M * lm.rf
+    if num < min_evals:
+        return f"M*rf = {num} < min_evals = {min_evals}"
+    if num > max_evals:
+        return f"M*rf = {num} > max_evals = {max_evals}"
+    if lm.N > max_N:
+        return f"N = {lm.N} > max_N = {max_N}"
+    return ""
+
+
+def _selected(layers: LayerSelector, i: int, lm: LayerMatrix) -> bool:
+    if layers is None:
+        return True
+    if callable(layers):
+        return bool(layers(lm))
+    for sel in layers:
+        if isinstance(sel, (int, np.integer)) and not isinstance(sel, bool):
+            if sel == i:
+                return True
+        elif isinstance(sel, str):
+            if sel == lm.name or sel == lm.kind or re.fullmatch(sel, lm.name):
+                return True
+        else:
+            raise TypeError(f"layers entries must be ints, names or regexes; got {sel!r}")
+    return False
+
+
+def _plan(model: Any, layers: LayerSelector, min_evals: int, max_evals: int, max_N: int):
+    """The layer list with, for each, its layer_id and the reason it is skipped ('' = analysed)."""
+    if layers is not None and not callable(layers):
+        if isinstance(layers, (str, int)):
+            layers = [layers]
+        layers = list(layers)
+    for name, v in (("min_evals", min_evals), ("max_evals", max_evals), ("max_N", max_N)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    mats = layer_matrices(model)
+    plan = []
+    for i, lm in enumerate(mats):
+        if not _selected(layers, i, lm):
+            continue
+        plan.append((i, lm, _skip_reason(lm, min_evals, max_evals, max_N)))
+    return mats, plan
+
+
+def _base_row(i: int, lm: LayerMatrix) -> dict:
+    return {
+        "layer_id": i,
+        "name": lm.name,
+        "layer_type": lm.kind,
+        "M": lm.M,
+        "N": lm.N,
+        "Q": lm.N / lm.M if lm.M else np.nan,
+        "rf": lm.rf,
+    }
+
+
+def describe(
+    model: Any,
+    *,
+    layers: LayerSelector = None,
+    min_evals: int = 10,
+    max_evals: int = 15000,
+    max_N: int = 50000,
+) -> pd.DataFrame:
+    """The layers ``analyze`` would see, with shapes and why any is skipped. No SVD, no reads.
+
+    Returns
+    -------
+    DataFrame
+        One row per weight matrix: layer_id, name, layer_type, shape, M, N, Q, rf, num_evals,
+        analyzed (bool) and skip_reason.
+    """
+    _, plan = _plan(model, layers, min_evals, max_evals, max_N)
+    rows = []
+    for i, lm, reason in plan:
+        row = _base_row(i, lm)
+        row.update(shape=lm.shape, num_evals=lm.M * lm.rf, analyzed=not reason, skip_reason=reason)
+        rows.append(row)
+    return pd.DataFrame(
+        rows,
+        columns=["layer_id", "name", "layer_type", "shape", "M", "N", "Q", "rf", "num_evals",
+                 "analyzed", "skip_reason"],
+    )  # fmt: skip
+
+
+def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:
+    """Read a layer's tensor; return (None, reason) if it holds no usable numbers."""
+    try:
+        W = lm.load()
+    except Exception as e:  # a broken file shard, a device error...
+        return None, f"could not read the tensor: {type(e).__name__}: {e}"
+    if W.device.type == "meta":
+        return None, "tensor is on the meta device (no data); load real weights first"
+    if not (W.is_floating_point() or W.is_complex()):
+        return None, f"unsupported dtype {W.dtype}"
+    W = W.to(torch.float64)
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum())
+        return None, f"weights contain {bad} NaN/Inf entries"
+    return W, ""
+
+
+def _failed_row(row: dict, reason: str) -> dict:
+    return {**row, "alpha": np.nan, "status": "failed", "reason": reason, "warning": ""}
+
+
+def analyze(
+    model: Any,
+    *,
+    layers: LayerSelector = None,
+    min_evals: int = 10,
+    max_evals: int = 15000,
+    max_N: int = 50000,
+    fit: str = "PL",
+    fix_fingers: str | None = None,
+    xmax: float | None = None,
+    pool: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    method: str = "gram",
+    hooks: Iterable[LayerHook] = (),
+) -> pd.DataFrame:
+    """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
+
+    Parameters
+    ----------
+    model : nn.Module, state dict, or path
+        Anything :func:`frogwatch.sources.layer_matrices` reads: a module, a state dict, a
+        ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint
+        or a Hugging Face model directory.
+    layers : list of int / str, or callable, optional
+        Restrict to these layer ids, names, kinds (``"dense"``, ``"conv2d"``...) or full-match
+        regexes of names; or a predicate on :class:`LayerMatrix`.
+    min_evals, max_evals, max_N : int
+        Skip matrices with ``M*rf < min_evals`` or ``M*rf > max_evals`` or ``N > max_N``
+        (WeightWatcher's defaults). Skipped layers are listed in ``df.attrs["skipped"]``.
+    fit : {"PL", "TPL"}
+        Power law or truncated power law (``Lambda`` column) for the tail.
+    fix_fingers : {None, "clip_xmax"}
+        Clip outlying top eigenvalues that inflate alpha.
+    xmax : float, optional
+        Upper cut-off of the eigenvalues used in the fit.
+    pool : bool
+        Pool conv2d slices into one spectrum (default) or give one row per slice.
+    device : str or torch.device, optional
+        Compute eigenvalues on this device (e.g. ``"cuda"``); CPU numpy by default. A missing
+        CUDA falls back to the CPU with a warning.
+    progress : bool
+        Show a progress bar.
+    method : {"gram", "svd"}
+        Eigenvalues from the smaller Gram matrix (fast, default) or from a full SVD.
+    hooks : iterable of callables
+        Extra per-layer columns: ``hook(layer, matrices, spectrum, fit) -> dict``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of REFERENCE §2 with WeightWatcher's names (see ``COLUMNS``). A layer whose
+        weights or fit are unusable has ``status == "failed"``, NaN ``alpha`` and a ``reason``.
+
+    Raises
+    ------
+    SourceError
+        The source cannot be read, or it has no analysable layer.
+    """
+    if fix_fingers not in (None, "clip_xmax"):
+        raise ValueError(f"fix_fingers must be None or 'clip_xmax', got {fix_fingers!r}")
+    if str(fit).upper() not in ("PL", "TPL"):
+        raise ValueError(f"fit must be 'PL' or 'TPL', got {fit!r}")
+    if method not in ("gram", "svd"):
+        raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
+    dev = resolve_device(device)
+    hooks = list(hooks)
+    mats, plan = _plan(model, layers, min_evals, max_evals, max_N)
+    todo = [(i, lm) for i, lm, reason in plan if not reason]
+    skipped = [(lm.name, reason) for _, lm, reason in plan if reason]
+    if not todo:
+        found = ", ".join(f"{n} ({r})" for n, r in skipped[:5]) or "none"
+        raise SourceError(
+            f"no analysable layer in {type(model).__name__}: found {len(mats)} weight matrices "
+            f"(Linear, Conv1D, Conv2d, Embedding, RNN gates, or 2-D/4-D '*.weight' tensors); "
+            f"skipped: {found}"
+        )
+    rows = []
+    bar = tqdm(todo, desc="frogwatch analyze", unit="layer", disable=not progress, leave=False)
+    for i, lm in bar:
+        bar.set_postfix_str(lm.name[-40:], refresh=False)
+        base = _base_row(i, lm)
+        W, why = _load_checked(lm)
+        if W is None:
+            rows.append(_failed_row(base, why))
+            continue
+        groups = esd_matrices(lm, W, pool=pool)
+        per_slice = [[m for _, m in groups]] if pool else [[m] for _, m in groups]
+        suffixes = [""] if pool else [s for s, _ in groups]
+        for suffix, ms in zip(suffixes, per_slice):
+            spec = spectrum(ms, method=method, device=dev)
+            result = fit_power_law(spec.evals, fit=fit, xmax=xmax, fix_fingers=fix_fingers)
+            row = {**base, "name": lm.name + suffix, **layer_metrics(spec, result)}
+            if not pool and suffix:
+                row["rf"] = 1
+            for hook in hooks:
+                row.update(hook(lm, ms, spec, result))
+            rows.append(row)
+    bar.close()
+    df = pd.DataFrame(rows)
+    extra = [c for c in df.columns if c not in COLUMNS]
+    df = df.reindex(columns=COLUMNS + extra)
+    df.attrs["skipped"] = skipped
+    return df
+
+
+def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
+    """Model-wide means of the layer metrics (WeightWatcher's ``get_summary``).
+
+    Failed fits are left out of every mean; embeddings are left out unless asked for.
+
+    Returns
+    -------
+    pandas.Series
+        ``alpha_weighted`` (the model's alpha-hat) first, then alpha, log_norm, log_alpha_norm,
+        log_spectral_norm, stable_rank and, when present, mp_softrank; plus ``num_layers`` (the
+        layers averaged) and ``num_failed``.
+    """
+    if not isinstance(df, pd.DataFrame) or "alpha" not in df.columns:
+        raise ValueError("summary() expects the DataFrame returned by frogwatch.analyze()")
+    use = df if include_embeddings else df[df["layer_type"] != "embedding"]
+    ok = use[use["status"] == "success"]
+    out = {c: float(ok[c].mean()) for c in SUMMARY_COLUMNS if c in ok.columns}
+    out["num_layers"] = int(len(ok))
+    out["num_failed"] = int((use["status"] != "success").sum())
+    return pd.Series(out, name="summary")
