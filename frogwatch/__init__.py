@@ -1,3 +1,42 @@
-"""frogwatch: data-free spectral diagnostics and FROG sparse fine-tuning for PyTorch models."""
+"""frogwatch: data-free spectral diagnostics and FROG sparse fine-tuning for PyTorch models.
+
+Diagnose: :func:`analyze` (one row per layer), :func:`summary`, :func:`describe`.
+Select and fine-tune (FROG): :func:`relevance`, :func:`select`, :class:`Masks`, :func:`prepare`,
+:func:`merge`.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+from .analyze import analyze, describe, summary
+from .sources import SourceError, layer_matrices, load_default_model
+
+# Public names that live in heavier modules, imported on first use.
+_LAZY = {
+    "correlation_flow": "frogwatch.diagnostics.flow",
+    "compare": "frogwatch.diagnostics.compare",
+    "relevance": "frogwatch.frog.scores",
+    "select": "frogwatch.frog.select",
+    "Masks": "frogwatch.frog.masks",
+    "prepare": "frogwatch.frog.engine",
+    "merge": "frogwatch.frog.engine",
+    "save_delta": "frogwatch.frog.engine",
+    "load_delta": "frogwatch.frog.engine",
+    "print_trainable_parameters": "frogwatch.frog.engine",
+}
+
+__all__ = [
+    "analyze", "describe", "summary", "layer_matrices", "load_default_model", "SourceError",
+    *_LAZY,
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'frogwatch' has no attribute {name!r}")

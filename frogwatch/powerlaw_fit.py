@@ -19,7 +19,7 @@ __all__ = ["PowerLawFit", "fit_power_law", "EVALS_THRESH", "SMALL_N"]
 EVALS_THRESH = 1e-5  # eigenvalues at or below this are dropped before the fit
 SMALL_N = 20  # below this many eigenvalues: bias-corrected alpha, tails of >= SMALL_N_MIN_TAIL
 SMALL_N_MIN_TAIL = 8
-_BLOCK_ELEMS = 2_000_000  # memory cap of the blocked KS scan (float64 elements)
+_BLOCK_ELEMS = 250_000  # elements per block of the KS scan: ~2 MB per temporary array
 
 
 @dataclass(frozen=True)

