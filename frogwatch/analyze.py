@@ -135,9 +135,12 @@ def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:
     if not (W.is_floating_point() or W.is_complex()):
         return None, f"unsupported dtype {W.dtype}"
     W = W.to(torch.float64)
-    if not torch.isfinite(W).all():
+    # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of a mask per entry.
+    if not torch.isfinite(W.sum()):
         bad = int((~torch.isfinite(W)).sum())
-        return None, f"weights contain {bad} NaN/Inf entries"
+        if bad:
+            return None, f"weights contain {bad} NaN/Inf entries"
+        return None, "weights too large: their sum overflows float64"
     return W, ""
 
 
@@ -160,6 +163,9 @@ def analyze(
     progress: bool = True,
     method: str = "gram",
     hooks: Iterable[LayerHook] = (),
+    randomize: bool = False,
+    mp_fit: bool = False,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
 
@@ -192,12 +198,25 @@ def analyze(
         Eigenvalues from the smaller Gram matrix (fast, default) or from a full SVD.
     hooks : iterable of callables
         Extra per-layer columns: ``hook(layer, matrices, spectrum, fit) -> dict``.
+    randomize : bool
+        Add the correlation-trap columns (``rand_num_spikes``, ``rand_distance``,
+        ``max_rand_eval``, ``ww_softrank``, ``rand_bulk_max``, ``rand_sigma_mp``): the ESD of each
+        matrix with its entries shuffled, see :mod:`frogwatch.diagnostics.traps`.
+    mp_fit : bool
+        Add the Marchenko-Pastur fit columns (``num_spikes``, ``sigma_mp``, ``mp_softrank``,
+        ``bulk_max``, ``bulk_min``), see :mod:`frogwatch.diagnostics.mp`.
+    seed : int
+        Seed of the shuffles for ``randomize`` (a layer's shuffle depends only on seed and name).
 
     Returns
     -------
     pandas.DataFrame
         Columns of REFERENCE §2 with WeightWatcher's names (see ``COLUMNS``). A layer whose
         weights or fit are unusable has ``status == "failed"``, NaN ``alpha`` and a ``reason``.
+        Then the hook columns, and two booleans over the whole table: ``overparameterized``
+        (alpha > 6 with a trusted fit, :func:`frogwatch.diagnostics.flow.overparameterized`) and
+        ``scale_collapse`` (a low outlier of log_spectral_norm among layers of the same kind and
+        shape, :func:`frogwatch.diagnostics.collapse.scale_collapse`).
 
     Raises
     ------
@@ -212,6 +231,14 @@ def analyze(
         raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
     dev = resolve_device(device)
     hooks = list(hooks)
+    if randomize:
+        from .diagnostics.traps import randomize_hook
+
+        hooks.append(randomize_hook(seed, method=method, device=dev))
+    if mp_fit:
+        from .diagnostics.mp import mp_fit_hook
+
+        hooks.append(mp_fit_hook())
     mats, plan = _plan(model, layers, min_evals, max_evals, max_N)
     todo = [(i, lm) for i, lm, reason in plan if not reason]
     skipped = [(lm.name, reason) for _, lm, reason in plan if reason]
@@ -247,6 +274,11 @@ def analyze(
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df.reindex(columns=COLUMNS + extra)
+    from .diagnostics.collapse import scale_collapse
+    from .diagnostics.flow import overparameterized
+
+    df["overparameterized"] = overparameterized(df)
+    df["scale_collapse"] = scale_collapse(df)
     df.attrs["skipped"] = skipped
     return df
 
@@ -261,7 +293,8 @@ def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
     pandas.Series
         ``alpha_weighted`` (the model's alpha-hat) first, then alpha, log_norm, log_alpha_norm,
         log_spectral_norm, stable_rank and, when present, mp_softrank; plus ``num_layers`` (the
-        layers averaged) and ``num_failed``.
+        layers averaged), ``num_failed`` and, when present, ``overparameterized_share`` (the share
+        of the averaged layers flagged ``overparameterized``).
     """
     if not isinstance(df, pd.DataFrame) or "alpha" not in df.columns:
         raise ValueError("summary() expects the DataFrame returned by frogwatch.analyze()")
@@ -270,4 +303,6 @@ def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
     out = {c: float(ok[c].mean()) for c in SUMMARY_COLUMNS if c in ok.columns}
     out["num_layers"] = int(len(ok))
     out["num_failed"] = int((use["status"] != "success").sum())
+    if "overparameterized" in ok.columns:
+        out["overparameterized_share"] = float(ok["overparameterized"].mean()) if len(ok) else np.nan
     return pd.Series(out, name="summary")

