@@ -18,7 +18,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +26,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from ._io import atomic_write_bytes
 from .diagnostics.flow import ALPHA_HIGH, ALPHA_LOW, KINDS, layer_kind
 from .diagnostics.mp import fit_mp, mp_density
 from .diagnostics.traps import layer_rng, shuffle_entries
@@ -58,25 +58,6 @@ _FORMATS = {".png": "png", ".svg": "svg"}
 # --------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 110) -> bytes:
     """The figure rendered as PNG or SVG bytes."""
     if fmt not in ("png", "svg"):
@@ -91,7 +72,7 @@ def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
         fmt = _FORMATS.get(Path(path).suffix.lower())
         if fmt is None:
             raise ValueError(f"path must end in .png or .svg, got {str(path)!r}")
-        _write_atomic(path, figure_bytes(fig, fmt))
+        atomic_write_bytes(path, figure_bytes(fig, fmt))
     return fig
 
 

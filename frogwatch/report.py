@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from ._io import atomic_write_bytes
 from .analyze import analyze, summary
 from .diagnostics.compare import compare_summary, compare_tables
 from .diagnostics.flow import (
@@ -39,7 +40,6 @@ from .diagnostics.flow import (
 )
 from .diagnostics.traps import find_layer, layer_spectrum
 from .plots import (
-    _write_atomic,
     figure_bytes,
     plot_alpha_depth,
     plot_compare,
@@ -316,5 +316,5 @@ def report(
         files.append(("compare_summary.csv", cmp_sum.to_csv(index_label="metric").encode()))
     files.append(("index.html", page.encode("utf-8")))
     for fname, data in files:
-        _write_atomic(out / fname, data)
+        atomic_write_bytes(out / fname, data)
     return out / "index.html"
