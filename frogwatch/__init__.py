@@ -18,6 +18,13 @@ from .sources import SourceError, layer_matrices, load_default_model
 _LAZY = {
     "correlation_flow": "frogwatch.diagnostics.flow",
     "compare": "frogwatch.diagnostics.compare",
+    "compare_summary": "frogwatch.diagnostics.compare",
+    "layer_spectrum": "frogwatch.diagnostics.traps",
+    "report": "frogwatch.report",
+    "plot_esd": "frogwatch.plots",
+    "plot_alpha_depth": "frogwatch.plots",
+    "plot_compare": "frogwatch.plots",
+    "plot_randomized_esd": "frogwatch.plots",
     "relevance": "frogwatch.frog.scores",
     "select": "frogwatch.frog.select",
     "Masks": "frogwatch.frog.masks",

@@ -6,6 +6,10 @@ import copy
 import os
 import warnings
 
+# Before torch is imported: OpenMP threads that spin while waiting made eigh ~100x slower on a
+# busy 2-core machine (benchmarks/results_select.md); passive waiting costs nothing when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from torch import nn

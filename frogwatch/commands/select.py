@@ -1,0 +1,133 @@
+"""``frogwatch select``: choose the weights FROG fine-tunes and write the masks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ._common import add_model_argument, atomic_write, resolve_model
+
+__all__ = ["add_parser", "parse_budget", "run"]
+
+_COLUMNS = ["name", "shape", "k", "fraction", "R", "importance", "selected_score_sum", "alpha", "multiplier"]
+
+
+def parse_budget(text: str) -> float | int:
+    """``"1%"`` -> 0.01, ``"0.01"`` -> 0.01, ``"5000"`` -> 5000 (a count). ``"1"`` is one weight;
+    write ``"1.0"`` or ``"100%"`` for all of them."""
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            return float(s[:-1]) / 100.0
+        if s.lstrip("+").isdigit():
+            return int(s)
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid budget {text!r}: use a percentage (1%), a fraction (0.01) or a count (5000)"
+        ) from None
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from ..frog.scores import DIRECTIONS, METHODS
+    from ..frog.select import STRATEGIES
+
+    p = subparsers.add_parser(
+        "select",
+        help="choose the weights FROG fine-tunes (SVD relevance, Frobenius budgets, α blend)",
+        description=(
+            "Score every targeted weight with FROG's SVD relevance, split the budget over the matrices "
+            "(per_matrix) or rank all weights at once (global), optionally tilted by each layer's α, "
+            "print the per-matrix summary and write the masks."
+        ),
+    )
+    add_model_argument(p)
+    p.add_argument("--budget", type=parse_budget, default=0.01, help="1%%, 0.01 or a count (default 1%%)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="per_matrix")
+    p.add_argument("--blend", type=float, default=0.0, help="α blend strength λ in [0, 1] (default 0: plain FROG)")
+    p.add_argument("--direction", choices=DIRECTIONS, default="undertrained-first")
+    p.add_argument(
+        "--alpha",
+        metavar="CSV",
+        help="per-layer α table with columns name,alpha[,status] (default with --blend: run frogwatch analyze)",
+    )
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="REGEX",
+        help="module-name regexes to target (default: all linear layers but the output head); put MODEL first",
+    )
+    p.add_argument("--method", choices=METHODS, default="exact", help="how S is computed (default exact SVD)")
+    p.add_argument("--rank", type=int, help="rank of a truncated / randomized S")
+    p.add_argument("--out", metavar="PATH", help="write the masks (safetensors)")
+    p.add_argument("--plot", metavar="PNG", help="write the layer-importance chart (per matrix and per block)")
+    p.add_argument(
+        "--compare-plot",
+        metavar="PNG",
+        help="also run the other strategy and chart per-matrix and global selection side by side",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+    print(f"wrote {path}")
+
+
+def _format_summary(masks: Any) -> str:
+    df = masks.summary()[_COLUMNS]
+    body = df.to_string(
+        index=False,
+        formatters={
+            "fraction": "{:.4%}".format,
+            "R": "{:.4f}".format,
+            "importance": "{:.4f}".format,
+            "selected_score_sum": "{:.4g}".format,
+            "alpha": "{:.3f}".format,
+            "multiplier": "{:.3f}".format,
+        },
+    )
+    return f"{body}\n{masks!r}"
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ..frog.select import select
+
+    model = resolve_model(args.model)
+    alpha = None
+    if args.alpha:
+        if not Path(args.alpha).is_file():
+            raise FileNotFoundError(f"{args.alpha}: no such alpha table")
+        alpha = pd.read_csv(args.alpha)
+    kwargs = dict(
+        targets=args.targets or "all-linear",
+        blend=args.blend,
+        alpha=alpha,
+        direction=args.direction,
+        method=args.method,
+        rank=args.rank,
+        progress=not args.no_progress,
+    )
+    masks = select(model, args.budget, strategy=args.strategy, **kwargs)
+    print(_format_summary(masks))
+    if args.out:
+        masks.save(args.out)
+        print(f"wrote {args.out}")
+    if args.plot or args.compare_plot:
+        from ..plots_frog import plot_importance, plot_strategy_comparison
+
+        if args.plot:
+            _save_figure(plot_importance(masks), args.plot)
+        if args.compare_plot:
+            other_strategy = "global" if args.strategy == "per_matrix" else "per_matrix"
+            df = masks.summary()
+            kwargs["alpha"] = dict(zip(df["name"], df["alpha"]))  # reuse α: analyze runs once
+            other = select(model, args.budget, strategy=other_strategy, **kwargs)
+            pm, gl = (masks, other) if args.strategy == "per_matrix" else (other, masks)
+            _save_figure(plot_strategy_comparison(pm, gl, by="block"), args.compare_plot)
+    return 0

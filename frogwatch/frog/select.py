@@ -1,0 +1,316 @@
+"""FROG selection: which individual weights to fine-tune (REFERENCE §3 and §4).
+
+:func:`select` reads the targeted matrices of any model source one at a time, scores them with
+the SVD relevance S, allocates the budget, and returns :class:`~frogwatch.frog.masks.Masks`.
+
+Memory: both strategies hold about one matrix's S at a time. ``per_matrix`` reads every matrix
+twice (once for the Frobenius norms that set the budgets, once for S). ``global`` reads each matrix
+once and keeps a running pool of the best ``T_trainable`` candidates (value, matrix, flat index:
+28 bytes each) — merging each matrix's own top candidates into it — so its extra memory is
+``O(T_trainable)``, not ``O(T)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import re
+import sys
+from numbers import Integral
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..sources import LayerMatrix, layer_matrices
+from .budget import allocate, resolve_budget, topk_flat
+from .masks import MaskInfo, Masks
+from .scores import (
+    METHODS,
+    alpha_lookup,
+    alpha_multipliers,
+    as_matrix,
+    check_blend,
+    check_direction,
+    matrix_importance,
+    relevance,
+    relevance_2d,
+)
+
+__all__ = ["STRATEGIES", "relevance", "resolve_targets", "select"]
+
+STRATEGIES = ("per_matrix", "global")
+TargetSpec = Union[str, Sequence[str], Callable[[str, LayerMatrix], bool]]
+
+# Output heads recognised by name in checkpoints read from files (no module to ask).
+_FILE_HEAD_NAMES = ("lm_head", "embed_out")
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and α
+# --------------------------------------------------------------------------------------------
+
+
+def _output_head(model: Any) -> torch.nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if isinstance(model, torch.nn.Module) and callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            return None
+        return head if isinstance(head, torch.nn.Module) else None
+    return None
+
+
+def resolve_targets(model: Any, targets: TargetSpec = "all-linear") -> list[LayerMatrix]:
+    """The matrices of ``model`` that FROG scores.
+
+    Parameters
+    ----------
+    model : nn.Module, state dict or path
+    targets : "all-linear", regex or list of regexes, or callable(name, LayerMatrix) -> bool
+        ``"all-linear"``: every ``nn.Linear`` / Hugging Face ``Conv1D`` (every 2-D non-embedding
+        tensor for file sources) except a Hugging Face model's output head
+        (``model.get_output_embeddings()``; ``lm_head`` / ``embed_out`` in files). Regexes are
+        matched with ``re.search`` against the qualified names and may also pick embeddings and
+        conv2d weights. Recurrent (LSTM/GRU) gate matrices are never targets.
+
+    Raises
+    ------
+    ValueError
+        If ``targets`` is malformed or matches nothing.
+    """
+    lms = [lm for lm in layer_matrices(model) if lm.kind != "rnn"]
+    if isinstance(targets, str) and targets == "all-linear":
+        head = _output_head(model)
+        chosen = [
+            lm
+            for lm in lms
+            if lm.kind in ("dense", "conv1d")
+            and not (head is not None and lm.module is head)
+            and not (lm.module is None and lm.name.rsplit(".", 1)[-1] in _FILE_HEAD_NAMES)
+        ]
+        what = "'all-linear'"
+    elif callable(targets):
+        chosen = [lm for lm in lms if targets(lm.name, lm)]
+        what = "the targets callable"
+    else:
+        patterns = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, Iterable) else None
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(
+                "targets must be 'all-linear', a regex or list of regexes over module names, "
+                f"or a callable(name, LayerMatrix) -> bool; got {targets!r}"
+            )
+        try:
+            compiled = [re.compile(p) for p in patterns]
+        except re.error as e:
+            raise ValueError(f"targets: invalid regex ({e})") from None
+        chosen = [lm for lm in lms if any(c.search(lm.name) for c in compiled)]
+        what = f"targets {patterns}"
+    if not chosen:
+        raise ValueError(
+            f"{what} matched none of the model's {len(lms)} weight matrices "
+            f"(e.g. {[lm.name for lm in lms[:4]]})"
+        )
+    return chosen
+
+
+def _alphas(model: Any, names: list[str], alpha: Any, needed: bool, progress: bool) -> np.ndarray:
+    if alpha is None:
+        if not needed:
+            return np.full(len(names), np.nan)
+        from ..analyze import analyze  # lazy: the analyzer is only needed for blend > 0
+
+        kwargs = {"progress": progress} if "progress" in inspect.signature(analyze).parameters else {}
+        alpha = analyze(model, **kwargs)
+    return alpha_lookup(alpha, names)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+
+
+def _budget_meta(budget: Any) -> float | int:
+    return int(budget) if isinstance(budget, Integral) and not isinstance(budget, bool) else float(budget)
+
+
+def select(
+    model: Any,
+    budget: float | int = 0.01,
+    *,
+    strategy: str = "per_matrix",
+    targets: TargetSpec = "all-linear",
+    blend: float = 0.0,
+    alpha: Any = None,
+    direction: str = "undertrained-first",
+    method: str = "exact",
+    rank: int | None = None,
+    progress: bool = True,
+) -> Masks:
+    """Choose the weights FROG fine-tunes.
+
+    Parameters
+    ----------
+    model : nn.Module, state dict, or path
+        Any source :func:`frogwatch.sources.layer_matrices` reads; files are streamed one tensor at
+        a time.
+    budget : float or int
+        Fraction ``G`` in (0, 1] of the targeted weights, or an integer count. The number trained
+        is ``T_trainable = round(G · T)``, ``T`` = weights in the targeted matrices.
+    strategy : {"per_matrix", "global"}
+        ``per_matrix`` (seed §3.5): matrix ``i`` gets ``k_i ∝ R_i · m_i`` weights, capped at its
+        size with the overflow redistributed, ``Σ k_i = T_trainable`` exactly; then its ``k_i``
+        entries of largest S. ``global`` (seed §10): the ``T_trainable`` largest ``S_ij · m_i``
+        over all targeted matrices at once. Ties are broken by position in the concatenation of
+        the targets (matrix order, then flat index), lowest first.
+    targets : "all-linear", regex(es), or callable
+        See :func:`resolve_targets`.
+    blend : float
+        λ in [0, 1]: strength of the α multiplier ``m_i`` (REFERENCE §4); 0 is plain FROG.
+    alpha : DataFrame or dict, optional
+        Per-layer α (``frogwatch.analyze`` output, or ``{name: alpha}``; NaN = failed fit, which is
+        neutral). Computed with ``frogwatch.analyze(model)`` when ``blend > 0`` and not given.
+    direction : {"undertrained-first", "overtrained-first"}
+        ``undertrained-first`` (default) gives larger-α layers more budget; see
+        :func:`~frogwatch.frog.scores.alpha_multipliers` for the map.
+    method : {"exact", "randomized", "auto"}
+        How S is computed; see :func:`relevance`.
+    rank : int, optional
+        Rank of a truncated / randomized S.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    Masks
+    """
+    _check_choice(strategy, STRATEGIES, "strategy")
+    _check_choice(method, METHODS, "method")
+    lam = check_blend(blend)
+    check_direction(direction)
+    lms = resolve_targets(model, targets)
+    names = [lm.name for lm in lms]
+    sizes = np.array([lm.size for lm in lms], dtype=np.int64)
+    total = resolve_budget(budget, int(sizes.sum()))
+    alphas = _alphas(model, names, alpha, lam > 0, progress)
+    mult = alpha_multipliers(alphas, lam, direction)
+
+    run = _select_per_matrix if strategy == "per_matrix" else _select_global
+    norms, energies, indices, scores, sums = run(lms, sizes, total, mult, method, rank, progress)
+
+    R = matrix_importance(norms)
+    w = R * mult
+    importance = w / w.sum() if w.sum() > 0 else R
+    infos = [
+        MaskInfo(
+            name=lm.name,
+            kind=lm.kind,
+            shape=tuple(int(s) for s in lm.shape),
+            R=float(R[i]),
+            importance=float(importance[i]),
+            alpha=float(alphas[i]),
+            multiplier=float(mult[i]),
+            energy=float(energies[i]),
+            score_sum=float(sums[i]),
+        )
+        for i, lm in enumerate(lms)
+    ]
+    return Masks(
+        infos,
+        indices,
+        scores,
+        strategy=strategy,
+        budget=_budget_meta(budget),
+        n_trainable=int(total),
+        blend=lam,
+        direction=direction,
+        method=method,
+        rank=None if rank is None else int(rank),
+    )
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Scoring allocates and frees several matrix-sized float64 buffers per matrix. Below glibc's
+    32 MiB mmap ceiling they come from the heap, which keeps them: without a trim the resident
+    memory of a GPT-2-small run climbs by hundreds of MiB although nothing is live.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or another libc
+            pass
+
+
+def _bar(items: Sequence, desc: str, progress: bool):
+    return tqdm(items, desc=desc, unit="matrix", disable=not progress, leave=False)
+
+
+def _select_per_matrix(lms, sizes, total, mult, method, rank, progress):
+    n = len(lms)
+    norms = np.array(
+        [float(torch.linalg.vector_norm(as_matrix(lm.load(), lm.name))) for lm in _bar(lms, "frog norms", progress)]
+    )
+    k = allocate(matrix_importance(norms) * mult, sizes, total)
+    energies = np.full(n, np.nan)
+    sums = np.zeros(n)
+    indices: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    for i, lm in enumerate(_bar(lms, "frog select", progress)):
+        if k[i] == 0:
+            indices.append(torch.zeros(0, dtype=torch.int64))
+            scores.append(torch.zeros(0))
+            continue
+        S, energies[i] = relevance_2d(as_matrix(lm.load(), lm.name), rank=rank, method=method)
+        S = S.reshape(-1)
+        sel = topk_flat(S, int(k[i]))
+        indices.append(sel)
+        scores.append(S[sel])
+        sums[i] = float(S[sel].sum())
+        del S
+        _release_memory()
+    return norms, energies, indices, scores, sums
+
+
+def _select_global(lms, sizes, total, mult, method, rank, progress):
+    n = len(lms)
+    norms = np.zeros(n)
+    energies = np.zeros(n)
+    # Running pool of the best `total` candidates so far, kept in concatenation order.
+    pool_raw = torch.zeros(0, dtype=torch.float64)
+    pool_val = torch.zeros(0, dtype=torch.float64)
+    pool_mat = torch.zeros(0, dtype=torch.int32)
+    pool_idx = torch.zeros(0, dtype=torch.int64)
+    for i, lm in enumerate(_bar(lms, "frog select", progress)):
+        W = as_matrix(lm.load(), lm.name)
+        norms[i] = float(torch.linalg.vector_norm(W))
+        S, energies[i] = relevance_2d(W, rank=rank, method=method)
+        del W
+        raw = S.reshape(-1)
+        val = raw * float(mult[i])
+        cand = topk_flat(val, min(total, raw.numel()))
+        pool_raw = torch.cat([pool_raw, raw[cand]])
+        pool_val = torch.cat([pool_val, val[cand]])
+        pool_mat = torch.cat([pool_mat, torch.full((cand.numel(),), i, dtype=torch.int32)])
+        pool_idx = torch.cat([pool_idx, cand])
+        del S, raw, val
+        if pool_val.numel() > total:
+            keep = topk_flat(pool_val, total)
+            pool_raw, pool_val, pool_mat, pool_idx = (t[keep] for t in (pool_raw, pool_val, pool_mat, pool_idx))
+        _release_memory()
+    indices, scores = [], []
+    sums = np.zeros(n)
+    for i in range(n):
+        sel = pool_mat == i
+        indices.append(pool_idx[sel])
+        scores.append(pool_raw[sel])
+        sums[i] = float(pool_raw[sel].sum())
+    return norms, energies, indices, scores, sums

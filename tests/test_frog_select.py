@@ -1,0 +1,344 @@
+"""FROG selection against brute-force numpy on small models; targets, α blend, streaming."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from frogwatch.frog import relevance, resolve_targets, select
+from frogwatch.frog.budget import topk_flat
+
+
+# ---- brute force -----------------------------------------------------------------------------
+
+
+def np_relevance(W: np.ndarray) -> np.ndarray:
+    U, s, Vt = np.linalg.svd(W.reshape(W.shape[0], -1), full_matrices=False)
+    return (np.abs(U) * s) @ np.abs(Vt)
+
+
+def np_top(values: np.ndarray, k: int) -> np.ndarray:
+    """k largest, ties to the lower flat index, returned sorted."""
+    return np.sort(np.argsort(-values.reshape(-1), kind="stable")[:k])
+
+
+def np_budgets(norms, sizes, total, mult=None):
+    """k_i = largest-remainder rounding of total · R_i m_i / Σ R m (no cap binds in these tests)."""
+    w = np.asarray(norms) / np.sum(norms) * (1.0 if mult is None else np.asarray(mult))
+    q = total * w / w.sum()
+    k = np.floor(q).astype(int)
+    for i in np.argsort(-(q - k), kind="stable")[: total - k.sum()]:
+        k[i] += 1
+    assert np.all(k <= sizes)
+    return k
+
+
+def weights(model: nn.Module) -> dict[str, np.ndarray]:
+    return {n: m.weight.detach().double().numpy() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def expected_per_matrix(model, budget, mult=None):
+    Ws = weights(model)
+    sizes = np.array([W.size for W in Ws.values()])
+    total = budget if isinstance(budget, int) else int(math.floor(budget * sizes.sum() + 0.5))
+    k = np_budgets([np.linalg.norm(W) for W in Ws.values()], sizes, total, mult)
+    return {n: np_top(np_relevance(W), int(ki)) for (n, W), ki in zip(Ws.items(), k)}
+
+
+def expected_global(model, total, mult=None):
+    Ws = weights(model)
+    mult = np.ones(len(Ws)) if mult is None else np.asarray(mult)
+    scored = [np_relevance(W).reshape(-1) * m for W, m in zip(Ws.values(), mult)]
+    order = np_top(np.concatenate(scored), total)
+    out, start = {}, 0
+    for n, s in zip(Ws, scored):
+        out[n] = order[(order >= start) & (order < start + s.size)] - start
+        start += s.size
+    return out
+
+
+def assert_selection(masks, expected, model=None):
+    assert list(masks) == list(expected)
+    Ws = weights(model) if model is not None else {}
+    for name, idx in expected.items():
+        np.testing.assert_array_equal(masks.indices(name).numpy(), idx, err_msg=name)
+        assert int(masks[name].sum()) == len(idx)
+        if name in Ws:
+            S = np_relevance(Ws[name]).reshape(-1)
+            np.testing.assert_allclose(masks.scores(name).numpy(), S[idx].astype(np.float32), rtol=1e-6)
+
+
+def mlp(seed=0, dims=(12, 9, 7, 5)):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def equal_norm_mlp(n=3, d=10, seed=0):
+    model = nn.Sequential(*[nn.Linear(d, d) for _ in range(n)])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for lin in model:
+            lin.weight.normal_()
+            lin.weight /= lin.weight.norm()
+    return model
+
+
+# ---- selections equal brute force ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.37, 17])
+def test_per_matrix_equals_brute_force(budget):
+    model = mlp()
+    masks = select(model, budget, progress=False)
+    assert_selection(masks, expected_per_matrix(model, budget), model)
+    total = budget if isinstance(budget, int) else round(budget * (12 * 9 + 9 * 7 + 7 * 5))
+    assert masks.n_selected == total
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.6, 1])
+def test_global_equals_numpy_topk_over_concatenation(budget):
+    model = mlp(seed=1)
+    masks = select(model, budget, strategy="global", progress=False)
+    total = budget if isinstance(budget, int) else int(math.floor(budget * 206 + 0.5))
+    assert_selection(masks, expected_global(model, total), model)
+    df = masks.summary()
+    assert df["k"].sum() == total
+    for name in masks:  # §10 layer importance: Σ S of the selected weights
+        S = np_relevance(weights(model)[name]).reshape(-1)
+        expect = S[masks.indices(name).numpy()].sum()
+        assert df.set_index("name").loc[name, "selected_score_sum"] == pytest.approx(expect, rel=1e-12)
+
+
+def test_ties_between_identical_matrices_follow_model_order():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(6, 5))
+    with torch.no_grad():
+        model[1].weight.copy_(model[0].weight)
+    g = select(model, 7, strategy="global", progress=False)
+    assert_selection(g, expected_global(model, 7))
+    assert g.counts() == {"0": 4, "1": 3}  # pairs of equal scores: the first matrix wins each tie
+    p = select(model, 7, progress=False)
+    assert p.counts() == {"0": 4, "1": 3}  # equal shares 3.5 : 3.5, the remainder to the first
+    assert set(p.indices("1").tolist()) < set(p.indices("0").tolist())  # top-3 inside top-4
+
+
+def test_exact_ties_within_a_matrix_go_to_lower_flat_index():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
+    assert torch.equal(relevance(model[0].weight), model[0].weight.double())  # S = |W| for a diagonal W
+    masks = select(model, 6, progress=False)
+    assert masks.indices("0").tolist() == [0, 1, 2, 5, 10, 15]
+
+
+def test_budget_share_above_matrix_size_is_capped_and_redistributed():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(30, 30))
+    with torch.no_grad():
+        model[0].weight.mul_(1000.0)
+    masks = select(model, 0.5, progress=False)
+    assert masks.counts() == {"0": 4, "1": 448}  # round(0.5 · 904) = 452
+    assert masks.indices("0").tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(masks.indices("1").numpy(), np_top(np_relevance(weights(model)["1"]), 448))
+
+
+def test_full_budget_selects_everything():
+    model = mlp()
+    for strategy in ("per_matrix", "global"):
+        masks = select(model, 1.0, strategy=strategy, progress=False)
+        assert all(bool(m.all()) for m in masks.values())
+
+
+# ---- targets ---------------------------------------------------------------------------------
+
+
+class WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.a = nn.Linear(6, 9)
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.b = nn.Linear(9, 5, bias=False)
+        self.head = nn.Linear(5, 11)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_all_linear_skips_output_head_embeddings_and_convs():
+    assert [lm.name for lm in resolve_targets(WithHead())] == ["a", "b"]
+    plain = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 3), nn.Linear(3, 5))
+    assert [lm.name for lm in resolve_targets(plain)] == ["1", "2"]  # a plain module: every Linear
+
+
+def test_all_linear_skips_lm_head_in_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"body.weight": torch.randn(5, 4), "lm_head.weight": torch.randn(7, 5)}, str(path))
+    assert [lm.name for lm in resolve_targets(path)] == ["body"]
+
+
+def test_regex_and_callable_targets():
+    model = WithHead()
+    assert [lm.name for lm in resolve_targets(model, ["^conv$", "head"])] == ["conv", "head"]
+    assert [lm.name for lm in resolve_targets(model, "emb")] == ["emb"]
+    assert [lm.name for lm in resolve_targets(model, lambda n, lm: lm.kind == "dense" and n != "a")] == ["b", "head"]
+    masks = select(model, 0.2, targets=["conv"], progress=False)
+    assert masks["conv"].shape == (3, 2, 2, 2)
+    K = model.conv.weight.detach().double().numpy()
+    np.testing.assert_array_equal(masks.indices("conv").numpy(), np_top(np_relevance(K), 5))
+
+
+# ---- α blend ---------------------------------------------------------------------------------
+
+ALPHA = {"0": 2.0, "1": math.nan, "2": 6.0}  # m = 0.5, 1 (failed fit: neutral), 1.5 at λ = 0.5
+
+
+def test_blend_zero_is_plain_frog():
+    model = mlp()
+    plain = select(model, 0.2, progress=False)
+    table = {"0": 2.0, "2": 9.0, "4": 4.0}
+    for strategy in ("per_matrix", "global"):
+        a = select(model, 0.2, strategy=strategy, progress=False)
+        b = select(model, 0.2, strategy=strategy, blend=0.0, alpha=table, progress=False)
+        for n in a:
+            assert torch.equal(a.indices(n), b.indices(n))
+        assert b.summary()["multiplier"].tolist() == [1.0, 1.0, 1.0]
+        assert b.summary()["alpha"].tolist() == [2.0, 9.0, 4.0]
+    assert plain.counts() == select(model, 0.2, alpha=table, progress=False).counts()
+
+
+@pytest.mark.parametrize(
+    "direction, counts",
+    [("undertrained-first", {"0": 10, "1": 20, "2": 30}), ("overtrained-first", {"0": 30, "1": 20, "2": 10})],
+)
+def test_blend_moves_budget_by_alpha(direction, counts):
+    model = equal_norm_mlp()
+    assert select(model, 60, progress=False).counts() == {"0": 20, "1": 20, "2": 20}
+    masks = select(model, 60, blend=0.5, alpha=ALPHA, direction=direction, progress=False)
+    assert masks.counts() == counts  # the failed-fit layer keeps its plain share
+    df = masks.summary().set_index("name")
+    assert df.loc["1", "multiplier"] == 1.0 and math.isnan(df.loc["1", "alpha"])
+    assert df["importance"].sum() == pytest.approx(1.0)
+    mult = df["multiplier"].to_numpy()
+    assert_selection(masks, expected_per_matrix(model, 60, mult), model)
+
+
+def test_blend_accepts_analyze_dataframe_with_failed_status():
+    model = equal_norm_mlp()
+    df = pd.DataFrame(
+        {"name": ["0", "1", "2"], "alpha": [2.0, 3.3, 6.0], "status": ["success", "failed", "success"]}
+    )
+    assert select(model, 60, blend=0.5, alpha=df, progress=False).counts() == {"0": 10, "1": 20, "2": 30}
+
+
+def test_global_blend_scales_scores_by_multiplier():
+    model = equal_norm_mlp(seed=3)
+    masks = select(model, 45, strategy="global", blend=0.5, alpha=ALPHA, progress=False)
+    assert_selection(masks, expected_global(model, 45, [0.5, 1.0, 1.5]), model)
+    plain = select(model, 45, strategy="global", progress=False)
+    assert masks.counts()["2"] > plain.counts()["2"] and masks.counts()["0"] < plain.counts()["0"]
+
+
+def test_blend_without_alpha_runs_analyze(monkeypatch):
+    analyze_module = pytest.importorskip("frogwatch.analyze")
+    calls = []
+
+    def fake_analyze(model, **kwargs):
+        calls.append(kwargs)
+        return pd.DataFrame({"name": list(ALPHA), "alpha": list(ALPHA.values()), "status": "success"})
+
+    monkeypatch.setattr(analyze_module, "analyze", fake_analyze)
+    masks = select(equal_norm_mlp(), 60, blend=0.5, progress=False)
+    assert len(calls) == 1 and masks.counts() == {"0": 10, "1": 20, "2": 30}
+
+
+# ---- streaming -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["per_matrix", "global"])
+def test_streamed_file_equals_in_memory(tmp_path, strategy):
+    model = mlp(seed=4)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    a = select(model, 0.15, strategy=strategy, progress=False)
+    b = select(path, 0.15, strategy=strategy, progress=False)
+    assert list(a) == list(b)
+    for n in a:
+        assert torch.equal(a.indices(n), b.indices(n)) and torch.equal(a.scores(n), b.scores(n))
+    pd.testing.assert_frame_equal(a.summary().drop(columns="kind"), b.summary().drop(columns="kind"))
+
+
+def test_streamed_gpt2_equals_in_memory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path)
+    a = select(model, 0.05, strategy="global", progress=False)
+    b = select(tmp_path, 0.05, strategy="global", progress=False)
+    assert list(a) == list(b) and len(a) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block; no wte/wpe/lm_head
+    assert all(".h." in n for n in a)
+    for n in a:
+        assert a[n].shape == b[n].shape and torch.equal(a.indices(n), b.indices(n))
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"strategy": "layerwise"}, "strategy"),
+        ({"direction": "up"}, "direction"),
+        ({"blend": 1.5}, "blend"),
+        ({"blend": -0.1}, "blend"),
+        ({"targets": ["nomatch"]}, "matched none"),
+        ({"targets": []}, "targets"),
+        ({"targets": ["("]}, "regex"),
+        ({"method": "qr"}, "method"),
+        ({"budget": 0}, "budget"),
+        ({"budget": 2.0}, "budget"),
+        ({"blend": 0.5, "alpha": {"x": 1.0}}, "none of"),
+    ],
+)
+def test_select_validation(kwargs, msg):
+    kwargs = {"budget": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=msg):
+        select(mlp(), kwargs.pop("budget"), progress=False, **kwargs)
+
+
+def test_nan_weights_are_an_error():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    for strategy in ("per_matrix", "global"):
+        with pytest.raises(ValueError, match="2: weights contain NaN"):
+            select(model, 0.1, strategy=strategy, progress=False)
+
+
+# ---- the real model --------------------------------------------------------------------------
+
+
+def test_real_minilm_block_selection(minilm_session):
+    model = minilm_session
+    names = [lm.name for lm in resolve_targets(model)]
+    assert len(names) == 37 and names[-1] == "pooler.dense" and not any("embeddings" in n for n in names)
+    masks = select(model, 0.01, targets=[r"^encoder\.layer\.0\.attention\.self\.(query|value)$"], progress=False)
+    assert list(masks) == ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
+    sizes = masks.summary()["size"].sum()
+    assert masks.n_selected == round(0.01 * sizes)
+    q = model.encoder.layer[0].attention.self.query.weight.detach().double().numpy()
+    k = masks.counts()["encoder.layer.0.attention.self.query"]
+    np.testing.assert_array_equal(
+        masks.indices("encoder.layer.0.attention.self.query").numpy(), np_top(np_relevance(q), k)
+    )
+    # A randomized S of half the spectrum recovers most of the exact 1 % selection.
+    S = relevance(q)
+    S_r, energy = relevance(q, method="randomized", rank=192, return_energy=True)
+    a, b = set(topk_flat(S, k).tolist()), set(topk_flat(S_r, k).tolist())
+    assert 0.9 < energy < 1.0 and len(a & b) / len(a | b) > 0.7
