@@ -2,8 +2,9 @@
 
     python examples/make_readme_figures.py [OUT_DIR]      # default: docs/img
 
-Writes alpha_depth_minilm.png (alpha against depth, coloured by layer kind) and
-esd_minilm.png (one layer's ESD with its fitted power law).
+Writes alpha_depth_minilm.png (alpha against depth, coloured by layer kind),
+esd_minilm.png (one layer's ESD with its fitted power law) and frog_importance_minilm.png (FROG
+layer importance per block, per-matrix against global selection at a 1 % budget).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import frogwatch
 from frogwatch.diagnostics import layer_spectrum
 from frogwatch.plots import plot_alpha_depth, plot_esd
+from frogwatch.plots_frog import plot_strategy_comparison
 
 LAYER = "encoder.layer.2.intermediate.dense"
 
@@ -27,7 +29,11 @@ def main(out_dir: str = "docs/img") -> None:
     row = df.set_index("name").loc[LAYER]
     plot_esd(layer_spectrum(model, LAYER), row, title=f"all-MiniLM-L6-v2: {LAYER}",
              path=out / "esd_minilm.png")  # fmt: skip
-    print(f"wrote {out / 'alpha_depth_minilm.png'} and {out / 'esd_minilm.png'}")
+    per_matrix = frogwatch.select(model, 0.01, strategy="per_matrix", progress=False)
+    global_ = frogwatch.select(model, 0.01, strategy="global", progress=False)
+    fig = plot_strategy_comparison(per_matrix, global_, by="block")
+    fig.savefig(out / "frog_importance_minilm.png", dpi=100)
+    print(f"wrote alpha_depth_minilm.png, esd_minilm.png and frog_importance_minilm.png to {out}")
 
 
 if __name__ == "__main__":

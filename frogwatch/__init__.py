@@ -33,6 +33,8 @@ _LAZY = {
     "save_delta": "frogwatch.frog.engine",
     "load_delta": "frogwatch.frog.engine",
     "print_trainable_parameters": "frogwatch.frog.engine",
+    "FrogwatchCallback": "frogwatch.frog.callbacks",
+    "record_layer_stats": "frogwatch.frog.callbacks",
 }
 
 __all__ = [

@@ -110,8 +110,8 @@ def natural_key(name: str) -> list:
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Matched by name so that transformers stays optional.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    # Matched by class name (also in subclasses, e.g. FROG's) so that transformers stays optional.
+    return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
 
 
 def _module_matrices(model: nn.Module) -> list[LayerMatrix]:
