@@ -1,12 +1,13 @@
 """Peak memory of frogwatch.analyze on a sharded safetensors checkpoint vs loading the model.
 
-    python benchmarks/analyze_memory.py [--shards 6]
+    python benchmarks/analyze_memory.py [--shards 6] [--n-layer 6 12 24]
 
 Writes a randomly initialised GPT-2 small (transformers ``GPT2Config()``) as a Hugging Face style
 sharded checkpoint into a temporary directory, then in fresh subprocesses measures the peak
 resident memory (``ru_maxrss``) above the post-import baseline of (a) ``frogwatch.analyze(dir)``
 and (b) reading every tensor of the checkpoint into memory (a state dict). Compares both to the size of the
-largest analysed tensor and of the whole model.
+largest analysed tensor and of the whole model, for GPT-2 small with 6, 12 and 24 blocks: the
+analyze peak should not grow with the model.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ print(json.dumps({"base_mb": base, "peak_mb": peak_mb(), "n": n}))
 """
 
 
-def write_checkpoint(root: Path, shards: int) -> tuple[int, int]:
+def write_checkpoint(root: Path, shards: int, n_layer: int) -> tuple[int, int]:
     import torch
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
-    sd = {k: v.contiguous() for k, v in GPT2Model(GPT2Config()).state_dict().items()
+    sd = {k: v.contiguous() for k, v in GPT2Model(GPT2Config(n_layer=n_layer)).state_dict().items()
           if not k.endswith(".attn.bias")}  # fmt: skip
     keys = list(sd)
     weight_map = {}
@@ -72,22 +73,22 @@ def write_checkpoint(root: Path, shards: int) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=6)
+    ap.add_argument("--n-layer", type=int, nargs="+", default=[6, 12, 24])
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        total, largest = write_checkpoint(Path(tmp), args.shards)
-        res = {}
-        for mode in ("analyze", "load_all"):
-            out = subprocess.run([sys.executable, "-c", CHILD, mode, tmp], capture_output=True,
-                                 text=True, check=True)  # fmt: skip
-            res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     mb = 1024 * 1024
-    print(f"checkpoint: GPT-2 small random init, {args.shards} shards, {total / mb:.0f} MB fp32; "
-          f"largest analysed tensor {largest / mb:.1f} MB fp32 ({2 * largest / mb:.1f} MB as float64)\n")  # fmt: skip
-    print("| run | peak RSS above baseline (MB) |")
-    print("|---|---|")
-    for mode, label in (("analyze", "frogwatch.analyze(sharded dir)"), ("load_all", "load every shard into a state dict")):
-        r = res[mode]
-        print(f"| {label} | {r['peak_mb'] - r['base_mb']:.0f} |")
+    print("| GPT-2 blocks | checkpoint MB (fp32) | largest analysed tensor MB (fp32) "
+          "| analyze(sharded dir): peak MB above baseline | load all shards: peak MB above baseline |")
+    print("|---|---|---|---|---|")
+    for n_layer in args.n_layer:
+        with tempfile.TemporaryDirectory() as tmp:
+            total, largest = write_checkpoint(Path(tmp), args.shards, n_layer)
+            res = {}
+            for mode in ("analyze", "load_all"):
+                out = subprocess.run([sys.executable, "-c", CHILD, mode, tmp], capture_output=True,
+                                     text=True, check=True)  # fmt: skip
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                res[mode] = r["peak_mb"] - r["base_mb"]
+        print(f"| {n_layer} | {total / mb:.0f} | {largest / mb:.1f} | {res['analyze']:.0f} | {res['load_all']:.0f} |")
 
 
 if __name__ == "__main__":

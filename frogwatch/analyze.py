@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -93,6 +96,31 @@ def _base_row(i: int, lm: LayerMatrix) -> dict:
         "Q": lm.N / lm.M if lm.M else np.nan,
         "rf": lm.rf,
     }
+
+
+def _num_workers() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _layer_map(workers: int):
+    """``map`` over layers, in order: one layer per core, each with one BLAS thread.
+
+    A symmetric eigensolver on a few-hundred-wide matrix barely uses a second BLAS thread, so
+    running layers side by side keeps every core busy (REFERENCE §5; BENCHMARKS.md). NumPy's
+    LAPACK calls release the GIL, so threads suffice. With one worker, BLAS keeps its threads.
+    """
+    if workers <= 1:
+        yield map
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        yield pool.map
 
 
 def describe(
@@ -249,18 +277,17 @@ def analyze(
             f"(Linear, Conv1D, Conv2d, Embedding, RNN gates, or 2-D/4-D '*.weight' tensors); "
             f"skipped: {found}"
         )
-    rows = []
-    bar = tqdm(todo, desc="frogwatch analyze", unit="layer", disable=not progress, leave=False)
-    for i, lm in bar:
-        bar.set_postfix_str(lm.name[-40:], refresh=False)
+
+    def layer_rows(item: tuple[int, LayerMatrix]) -> list[dict]:
+        i, lm = item
         base = _base_row(i, lm)
         W, why = _load_checked(lm)
         if W is None:
-            rows.append(_failed_row(base, why))
-            continue
+            return [_failed_row(base, why)]
         groups = esd_matrices(lm, W, pool=pool)
         per_slice = [[m for _, m in groups]] if pool else [[m] for _, m in groups]
         suffixes = [""] if pool else [s for s, _ in groups]
+        out = []
         for suffix, ms in zip(suffixes, per_slice):
             spec = spectrum(ms, method=method, device=dev)
             result = fit_power_law(spec.evals, fit=fit, xmax=xmax, fix_fingers=fix_fingers)
@@ -269,7 +296,17 @@ def analyze(
                 row["rf"] = 1
             for hook in hooks:
                 row.update(hook(lm, ms, spec, result))
-            rows.append(row)
+            out.append(row)
+        return out
+
+    rows: list[dict] = []
+    bar = tqdm(total=len(todo), desc="frogwatch analyze", unit="layer", disable=not progress, leave=False)
+    workers = _num_workers() if dev is None else 1
+    with _layer_map(workers) as run:
+        for layer_out in run(layer_rows, todo):
+            rows.extend(layer_out)
+            bar.set_postfix_str(layer_out[0]["name"][-40:], refresh=False)
+            bar.update()
     bar.close()
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS]
