@@ -40,6 +40,14 @@ def minilm_session():
     return model
 
 
+@pytest.fixture(scope="session")
+def minilm_df(minilm_session):
+    """frogwatch.analyze of the untouched MiniLM, computed once."""
+    from frogwatch import analyze
+
+    return analyze(minilm_session, progress=False)
+
+
 @pytest.fixture
 def minilm(minilm_session):
     """A private copy of the real MiniLM that a test may modify."""

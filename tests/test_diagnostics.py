@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 import frogwatch
 from frogwatch.analyze import analyze, summary
@@ -34,13 +33,6 @@ MP_COLS = ["num_spikes", "sigma_mp", "mp_softrank", "bulk_max", "bulk_min"]
 PLANT_TRAP = "encoder.layer.2.attention.self.query"
 PLANT_SCALE = "encoder.layer.3.attention.self.value"
 UNTOUCHED = ["encoder.layer.0.attention.self.key", "encoder.layer.0.output.dense", "pooler.dense"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    # On 2 shared cores, OpenBLAS's spinning threads make each SVD/matmul 10-100x slower.
-    with threadpool_limits(1):
-        yield
 
 
 @pytest.fixture(scope="module")

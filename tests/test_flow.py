@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import theilslopes
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from frogwatch.analyze import analyze
@@ -20,17 +19,6 @@ from frogwatch.diagnostics.flow import (
     pair_overlap,
     subspace_overlap,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    with threadpool_limits(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def minilm_df(minilm_session):
-    return analyze(minilm_session, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

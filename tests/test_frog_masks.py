@@ -175,7 +175,7 @@ def test_shira_export_trains_exactly_the_masked_weights():
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 def test_shira_config_helper_and_resize():
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     model = TwoLinear()
     masks = select(model, 32, progress=False)
     assert masks.shira_config(model).r == 1

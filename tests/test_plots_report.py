@@ -13,10 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
-from frogwatch.analyze import analyze
 from frogwatch.cli import main
 from frogwatch.diagnostics import compare, layer_spectrum
 from frogwatch.plots import plot_alpha_depth, plot_compare, plot_esd, plot_randomized_esd
@@ -27,17 +25,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYER = "encoder.layer.0.output.dense"
 PLANT_SCALE = "encoder.layer.2.attention.output.dense"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    with threadpool_limits(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def minilm_df(minilm_session):
-    return analyze(minilm_session, progress=False)
 
 
 def _png_ok(path: Path, min_bytes: int = 10_000) -> None:

@@ -13,7 +13,6 @@ once and keeps a running pool of the best ``T_trainable`` candidates (value, mat
 from __future__ import annotations
 
 import ctypes
-import inspect
 import re
 import sys
 from numbers import Integral
@@ -122,8 +121,7 @@ def _alphas(model: Any, names: list[str], alpha: Any, needed: bool, progress: bo
             return np.full(len(names), np.nan)
         from ..analyze import analyze  # lazy: the analyzer is only needed for blend > 0
 
-        kwargs = {"progress": progress} if "progress" in inspect.signature(analyze).parameters else {}
-        alpha = analyze(model, **kwargs)
+        alpha = analyze(model, progress=progress)
     return alpha_lookup(alpha, names)
 
 
