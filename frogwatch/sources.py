@@ -137,9 +137,11 @@ def _module_matrices(model: nn.Module) -> list[LayerMatrix]:
         if id(weight) in seen:  # tied weights: analysed once, under the first name
             continue
         seen.add(id(weight))
-        out.append(
-            LayerMatrix(mname, kind, tuple(weight.shape), (lambda w=weight: w), module=module)
-        )
+        # A module that trains a delta on top of frozen weights (FROG's prepared layers) says
+        # which weight it really computes with.
+        effective = getattr(module, "effective_weight", None)
+        loader = effective if callable(effective) else (lambda w=weight: w)
+        out.append(LayerMatrix(mname, kind, tuple(weight.shape), loader, module=module))
     return out
 
 

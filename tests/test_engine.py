@@ -540,3 +540,24 @@ def test_noise_step_warning_when_model_not_called():
         model(torch.randn(2, 4))
     assert current_step(model) == 0
     assert effective_weight(model[0]).shape == (4, 4)
+
+
+def test_analyze_and_compare_see_the_effective_weights():
+    """A prepared model is analysed as W0 + scatter(delta), not as the frozen W0."""
+    from frogwatch import analyze, compare
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(40, 60), nn.ReLU(), nn.Linear(60, 50))
+    tuned = prepare(copy.deepcopy(base), linear_masks(base, 0.3), init_scale=5.0, seed=1)
+    for i in (0, 2):
+        assert not torch.equal(effective_weight(tuned[i]), base[i].weight)
+    df = analyze(tuned, progress=False).set_index("name")
+    for i in ("0", "2"):
+        w_eff = effective_weight(tuned[int(i)]).double().numpy()
+        sv = np.linalg.svd(w_eff, compute_uv=False)
+        assert df.loc[i, "norm"] == pytest.approx((sv**2).sum(), rel=1e-10)
+        assert df.loc[i, "lambda_max"] == pytest.approx(sv.max() ** 2, rel=1e-10)
+    cmp = compare(base, tuned).set_index("name")
+    for i in ("0", "2"):
+        dw = effective_weight(tuned[int(i)]).double() - base[int(i)].weight.detach().double()
+        assert cmp.loc[i, "dW_fro"] == pytest.approx(float(dw.norm()), rel=1e-10)

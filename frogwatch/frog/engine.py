@@ -418,6 +418,14 @@ class _FrogLayer:
             getattr(self, "frog_relevance", None), op, amp, seed,
         )
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, ``W0 + scatter(delta)`` (no noise), detached.
+
+        frogwatch's sources read this instead of ``weight`` (W0), so ``analyze`` and ``compare``
+        see the fine-tuned layer.
+        """
+        return effective_weight(self)
+
     def extra_repr(self) -> str:
         return f"{self._frog_base.extra_repr(self)}, frog_k={self.frog_delta.numel()}"
 
