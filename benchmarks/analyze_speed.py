@@ -1,6 +1,6 @@
 """frogwatch.analyze vs WeightWatcher 0.7.7 on a randomly initialised GPT-2 small, same run.
 
-    python benchmarks/analyze_speed.py [--repeats 3] [--threads N]
+    python benchmarks/analyze_speed.py [--repeats 3] [--model gpt2|minilm] [--threads N]
 
 Builds GPT-2 small from ``transformers.GPT2Config()`` (124 M parameters, no download), then
 alternates WeightWatcher's ``analyze()`` and ``frogwatch.analyze()`` ``--repeats`` times and reports
@@ -22,11 +22,15 @@ import numpy as np
 import torch
 
 
-def build_model():
+def build_model(name: str):
+    if name == "minilm":
+        import frogwatch
+
+        return frogwatch.load_default_model().eval(), "all-MiniLM-L6-v2 (pretrained, offline)"
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
-    return GPT2Model(GPT2Config()).eval()
+    return GPT2Model(GPT2Config()).eval(), "GPT2Model(GPT2Config()) random init"
 
 
 def time_ww(model):
@@ -83,12 +87,13 @@ def floor(model):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", choices=("gpt2", "minilm"), default="gpt2")
     ap.add_argument("--threads", type=int, default=None, help="torch/BLAS threads (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    model = build_model()
+    model, label = build_model(args.model)
     ww_times, fw_times, floors = [], [], []
     time_fw(model)  # warm-up: imports, thread pools
     for _ in range(args.repeats):
@@ -109,7 +114,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
           f"transformers {transformers.__version__}, weightwatcher {weightwatcher.__version__}")  # fmt: skip
-    print(f"model: GPT2Model(GPT2Config()) random init, {len(fdf)} matrices analysed by both\n")
+    print(f"model: {label}, {len(fdf)} matrices analysed by both\n")
     print("| what | median s | runs (s) |")
     print("|---|---|---|")
     print(f"| WeightWatcher 0.7.7 analyze() | {ww_med:.2f} | {', '.join(f'{t:.2f}' for t in ww_times)} |")

@@ -272,7 +272,7 @@ def _select_per_matrix(lms, sizes, total, mult, method, rank, progress):
         sel = topk_flat(S, int(k[i]))
         indices.append(sel)
         scores.append(S[sel])
-        sums[i] = float(S[sel].sum())
+        sums[i] = float(scores[-1].sum())
         del S
         _release_memory()
     return norms, energies, indices, scores, sums
