@@ -20,7 +20,7 @@ _LAZY = {
     "compare": "frogwatch.diagnostics.compare",
     "compare_summary": "frogwatch.diagnostics.compare",
     "layer_spectrum": "frogwatch.diagnostics.traps",
-    "report": "frogwatch.report",
+    "report": "frogwatch.html_report",
     "plot_esd": "frogwatch.plots",
     "plot_alpha_depth": "frogwatch.plots",
     "plot_compare": "frogwatch.plots",

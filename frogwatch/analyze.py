@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._source_ref import SourceRef
 from .metrics import layer_metrics
 from .powerlaw_fit import PowerLawFit, fit_power_law
 from .sources import LayerMatrix, SourceError, layer_matrices
@@ -317,6 +318,7 @@ def analyze(
     df["overparameterized"] = overparameterized(df)
     df["scale_collapse"] = scale_collapse(df)
     df.attrs["skipped"] = skipped
+    df.attrs["source"] = SourceRef(model, method=method, pool=pool)  # for plot_esd(df.iloc[i])
     return df
 
 
@@ -331,7 +333,8 @@ def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
         ``alpha_weighted`` (the model's alpha-hat) first, then alpha, log_norm, log_alpha_norm,
         log_spectral_norm, stable_rank and, when present, mp_softrank; plus ``num_layers`` (the
         layers averaged), ``num_failed`` and, when present, ``overparameterized_share`` (the share
-        of the averaged layers flagged ``overparameterized``).
+        of the averaged layers flagged ``overparameterized``). The counts are Python ints (the
+        Series has dtype object so that they stay ints); the means are floats.
     """
     if not isinstance(df, pd.DataFrame) or "alpha" not in df.columns:
         raise ValueError("summary() expects the DataFrame returned by frogwatch.analyze()")
@@ -342,4 +345,4 @@ def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
     out["num_failed"] = int((use["status"] != "success").sum())
     if "overparameterized" in ok.columns:
         out["overparameterized_share"] = float(ok["overparameterized"].mean()) if len(ok) else np.nan
-    return pd.Series(out, name="summary")
+    return pd.Series(out, name="summary", dtype=object)

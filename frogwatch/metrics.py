@@ -86,5 +86,7 @@ def layer_metrics(spec: Spectrum, fit: PowerLawFit) -> dict:
         "sv_min": spec.sv_min,
         "status": fit.status,
         "reason": fit.reason,
-        "warning": quality_warning(alpha) if fit.status == "success" else "",
+        # the 2-6 reading is for the plain power law only: no label from a TPL alpha
+        # (docs/method.md#tpl)
+        "warning": quality_warning(alpha) if fit.status == "success" and math.isnan(fit.Lambda) else "",
     }

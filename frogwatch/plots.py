@@ -108,6 +108,14 @@ def _log_bins(x: np.ndarray, bins: int) -> np.ndarray:
     return edges
 
 
+def _log_density_bars(ax: Any, x: np.ndarray, edges: np.ndarray, color: str) -> None:
+    """Histogram of ``x`` on log bins as the density of ``log10 x`` (integrates to 1 over
+    decades), so narrow low bins are not inflated the way a density in ``x`` inflates them."""
+    counts, _ = np.histogram(x, bins=edges)
+    dens = counts / (max(x.size, 1) * np.diff(np.log10(edges)))
+    ax.bar(edges[:-1], dens, width=np.diff(edges), align="edge", color=color, alpha=0.6)
+
+
 def _as_matrix(W: Any) -> np.ndarray:
     if isinstance(W, torch.Tensor):
         W = W.detach().to("cpu", torch.float64).numpy()
@@ -124,43 +132,108 @@ def _as_matrix(W: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def _row_spectrum(row: pd.Series, model: Any) -> Spectrum:
+    """The spectrum of the layer an ``analyze`` row describes, computed as ``analyze`` did."""
+    from ._source_ref import SourceRef
+    from .diagnostics.traps import find_layer
+    from .spectra import esd_matrices, spectrum
+
+    ref = row.attrs.get("source") if hasattr(row, "attrs") else None
+    method, pool = (ref.method, ref.pool) if isinstance(ref, SourceRef) else ("gram", True)
+    if model is None and isinstance(ref, SourceRef):
+        model = ref.get()
+    if model is None:
+        raise ValueError(
+            "plot_esd(row): the model this row came from is not known here (a state dict is not "
+            "kept, a module no longer exists); pass it: plot_esd(row, model=model)"
+        )
+    name = str(row["name"])
+    m = re.fullmatch(r"(.*)\[(\d+),(\d+)\]", name)  # an unpooled conv2d slice
+    lm = find_layer(model, m.group(1) if m and not pool else name)
+    W = lm.load().to(torch.float64)
+    groups = esd_matrices(lm, W, pool=pool)
+    if m and not pool:
+        groups = [(sfx, M) for sfx, M in groups if sfx == f"[{m.group(2)},{m.group(3)}]"]
+    return spectrum([M for _, M in groups], method=method)
+
+
+def _lambda_of(fit: Any) -> float:
+    """The truncated power law's cut-off of a fit (0 for a plain power law)."""
+    lam = fit.Lambda if isinstance(fit, PowerLawFit) else fit.get("Lambda", math.nan)
+    try:
+        lam = float(lam)
+    except (TypeError, ValueError):
+        return 0.0
+    return lam if math.isfinite(lam) and lam > 0 else 0.0
+
+
+def _is_table_row(x: Any) -> bool:
+    return isinstance(x, pd.Series) and "name" in x.index and "alpha" in x.index
+
+
 def plot_esd(
-    evals_or_layer_result: Any,
+    layer: Any,
     fit: PowerLawFit | Mapping | None = None,
     *,
+    model: Any = None,
     title: str | None = None,
     bins: int = 60,
     path: str | os.PathLike | None = None,
 ) -> Figure:
-    """The empirical spectral density of a layer on log-log axes, with its power-law fit.
+    """A layer's empirical spectral density on log-log axes, with its power-law fit.
+
+    The histogram is the density of ``log10 λ`` (counts per logarithmic bin, normalised), so each
+    bar's height is the share of eigenvalues in it per decade, whatever the bin's width; the
+    fitted tail is drawn in the same units.
 
     Parameters
     ----------
-    evals_or_layer_result : array, Spectrum or 2-D matrix
-        Eigenvalues of ``W^T W``, a :class:`frogwatch.spectra.Spectrum`
-        (e.g. :func:`frogwatch.diagnostics.layer_spectrum`), or a weight matrix.
+    layer : row of ``analyze``'s table, array, Spectrum or 2-D matrix
+        ``df.iloc[i]`` (or ``df.loc[...]`` with the ``name`` column): the row gives the fit, and
+        the eigenvalues are recomputed exactly as ``analyze`` computed them (same scaling,
+        method and pooling) from ``model`` or, when ``model`` is not given, from the source the
+        table remembers (a path, or a module still alive). Otherwise: eigenvalues of ``WᵀW``
+        (shape ``(n,)``), a :class:`frogwatch.spectra.Spectrum` (e.g.
+        :func:`frogwatch.diagnostics.layer_spectrum`), or a weight matrix (out × in).
     fit : PowerLawFit or mapping, optional
-        The fit to draw: a :class:`PowerLawFit`, or a row of ``analyze``'s table (anything with
-        ``alpha`` and ``xmin``, optionally ``D``). Fitted here when omitted.
+        The fit to draw: a :class:`PowerLawFit`, or a row of ``analyze``'s table (``alpha`` and
+        ``xmin``; ``D`` and ``num_pl_spikes`` when present). Default: the row given as ``layer``,
+        else a plain power-law fit made here.
+    model : model source, optional
+        The model a table row came from (anything ``analyze`` reads).
     title : str, optional
+        Default: the row's layer name, or "Empirical spectral density".
     bins : int
-        Logarithmic histogram bins.
+        Number of logarithmic histogram bins.
     path : str or Path, optional
         Save as PNG or SVG.
 
     Returns
     -------
     matplotlib.figure.Figure
+        The tail drawn holds exactly ``num_pl_spikes`` eigenvalues when the fit gives it, so the
+        legend's tail count equals the table's.
     """
-    ev = _evals_of(evals_or_layer_result)
+    if _is_table_row(layer):
+        if fit is None:
+            fit = layer
+        if title is None:
+            title = str(layer["name"])
+        ev = np.asarray(_row_spectrum(layer, model).evals, dtype=np.float64)
+    else:
+        ev = _evals_of(layer)
     if fit is None:
         fit = fit_power_law(ev)
+    n_tail: int | None = None
     if isinstance(fit, PowerLawFit):
         alpha, xmin, D, ok = fit.alpha, fit.xmin, fit.D, fit.status == "success"
+        n_tail = fit.num_pl_spikes if ok else None
     elif isinstance(fit, (Mapping, pd.Series)):
         alpha, xmin = float(fit["alpha"]), float(fit["xmin"])
         D = float(fit.get("D", math.nan))
-        ok = math.isfinite(alpha) and math.isfinite(xmin)
+        ok = math.isfinite(alpha) and math.isfinite(xmin) and str(fit.get("status", "success")) == "success"
+        k = fit.get("num_pl_spikes", None)
+        n_tail = int(k) if ok and k is not None and math.isfinite(float(k)) and float(k) > 0 else None
     else:
         raise ValueError(f"fit must be a PowerLawFit or a mapping with alpha and xmin, got {type(fit).__name__}")
     x = ev[ev > EVALS_THRESH]
@@ -169,13 +242,28 @@ def plot_esd(
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot(1, 1, 1)
     edges = _log_bins(x, bins)
-    ax.hist(x, bins=edges, density=True, color="#4c72b0", alpha=0.55, label=f"ESD ({x.size} eigenvalues)")
+    log_edges = np.log10(edges)
+    counts, _ = np.histogram(x, bins=edges)
+    dens = counts / (x.size * np.diff(log_edges))  # density of log10(lambda): per decade
+    ax.bar(edges[:-1], dens, width=np.diff(edges), align="edge", color="#4c72b0", alpha=0.55,
+           label=f"ESD ({x.size} eigenvalues)")  # fmt: skip
     if ok:
-        tail = x[x >= xmin]
+        # the tail is the top n_tail eigenvalues: the same count as the table, immune to the
+        # last-bit differences of recomputed eigenvalues around xmin
+        tail = x[-min(n_tail, x.size):] if n_tail else x[x >= xmin]
         frac = tail.size / x.size
         xs = np.logspace(math.log10(xmin), math.log10(x.max()), 200)
-        ys = frac * (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
-        label = rf"power law $\alpha$ = {alpha:.2f}" + (f", D = {D:.3f}" if math.isfinite(D) else "")
+        lam = _lambda_of(fit)
+        if lam > 0:  # truncated power law x^-alpha exp(-lam x), normalised numerically on [xmin, inf)
+            grid = np.logspace(math.log10(xmin), math.log10(xmin + 60.0 / lam), 4000)
+            z = np.trapezoid(grid ** (-alpha) * np.exp(-lam * (grid - xmin)) * xmin**alpha, grid)
+            pdf = (xs / xmin) ** (-alpha) * np.exp(-lam * (xs - xmin)) / z
+            name = rf"truncated power law $\alpha$ = {alpha:.2f}, $\Lambda$ = {lam:.3g}"
+        else:  # p(x) = (alpha-1)/xmin (x/xmin)^-alpha
+            pdf = (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
+            name = rf"power law $\alpha$ = {alpha:.2f}"
+        ys = frac * pdf * xs * math.log(10.0)  # as a density of log10 x
+        label = name + (f", D = {D:.3f}" if math.isfinite(D) else "")
         ax.plot(xs, ys, color="#d62728", lw=2.0, label=label)
         ax.axvline(xmin, color="#d62728", ls="--", lw=1.2, label=rf"$x_{{min}}$ = {xmin:.3g} ({tail.size} in tail)")
     else:
@@ -183,7 +271,7 @@ def plot_esd(
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(r"eigenvalue $\lambda$ of $W^TW$")
-    ax.set_ylabel("density")
+    ax.set_ylabel(r"density of $\log_{10}\lambda$ (per decade)")
     ax.set_title(title or "Empirical spectral density")
     ax.legend(loc="lower left", fontsize=8, frameon=False)
     ax.grid(True, which="major", alpha=0.25)
@@ -215,6 +303,16 @@ def _block_ticks(ax: Any, names: list[str], depth: np.ndarray) -> None:
     ax.set_xticklabels([f"block {b}" for b in firsts], rotation=0 if len(firsts) <= 12 else 90, fontsize=8)
 
 
+def _row_order(df: pd.DataFrame) -> str:
+    """What the table's row order is: module order for a model, name order for a file."""
+    from ._source_ref import SourceRef
+
+    ref = df.attrs.get("source")
+    if isinstance(ref, SourceRef):
+        return "natural name order of the file" if ref.is_path else "module order"
+    return "table order"
+
+
 def plot_alpha_depth(
     df: pd.DataFrame,
     *,
@@ -222,7 +320,10 @@ def plot_alpha_depth(
     include_embeddings: bool = False,
     path: str | os.PathLike | None = None,
 ) -> Figure:
-    """Alpha of each layer against its depth (module order), coloured by layer kind.
+    """Alpha of each layer against its depth (the table's row order), coloured by layer kind.
+
+    The x axis is the row order of ``analyze``'s table: module order for a module or a state
+    dict, natural name order (``layer.2`` before ``layer.10``) for files; the axis label says which.
 
     The band 2 <= alpha <= 6 is shaded; layers flagged ``overparameterized`` are ringed in black;
     failed fits are left out.
@@ -266,7 +367,7 @@ def plot_alpha_depth(
     ax.text(1.0, ALPHA_LOW, r" $\alpha$ = 2", color=_BAND_COLOR, va="center", ha="left",
             transform=ax.get_yaxis_transform(), fontsize=8)  # fmt: skip
     _block_ticks(ax, list(d["name"]), d["depth"].to_numpy())
-    ax.set_xlabel("depth (module order" + (", embeddings excluded)" if not include_embeddings else ")"))
+    ax.set_xlabel(f"depth ({_row_order(df)}" + (", embeddings excluded)" if not include_embeddings else ")"))
     ax.set_ylabel(r"power-law exponent $\alpha$")
     ax.set_ylim(0, max(ALPHA_HIGH + 1.5, float(d["alpha"].max()) * 1.08))
     ax.set_title(title or r"Correlation flow: $\alpha$ against depth")
@@ -277,18 +378,28 @@ def plot_alpha_depth(
 
 
 def plot_compare(
-    cmp: pd.DataFrame, *, title: str | None = None, path: str | os.PathLike | None = None
+    cmp: pd.DataFrame,
+    *,
+    title: str | None = None,
+    base_label: str = "base",
+    tuned_label: str = "tuned",
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """Alpha per layer before and after fine-tuning, and the change of the spectral norm.
 
     Top: ``alpha_base`` (open circles) and ``alpha_tuned`` (filled) joined per layer, with the
-    2-6 band. Bottom: change of ``log_spectral_norm``, with the -0.3 dex collapse threshold and
-    the layers flagged ``scale_collapse`` in red.
+    2-6 band. Bottom: change of ``log_spectral_norm`` as a bar per layer, on a y axis scaled to
+    the changes themselves (a fine-tune typically moves them by 1e-4 dex, far from the -0.3 dex
+    collapse threshold, which is drawn when in range and otherwise named in the panel); layers
+    flagged ``scale_collapse`` are red.
 
     Parameters
     ----------
     cmp : DataFrame
         Output of :func:`frogwatch.compare`.
+    title : str, optional
+    base_label, tuned_label : str
+        Legend names of the two models.
     path : str or Path, optional
         Save as PNG or SVG.
     """
@@ -308,17 +419,29 @@ def plot_compare(
     for y in (ALPHA_LOW, ALPHA_HIGH):
         ax.axhline(y, color=_BAND_COLOR, ls="--", lw=1.0)
     ax.vlines(x, np.fmin(ab, at), np.fmax(ab, at), color="#999999", lw=1.0)
-    ax.scatter(x, ab, facecolors="none", edgecolors="#1f77b4", s=28, label="base", zorder=3)
-    ax.scatter(x, at, color="#ff7f0e", s=16, label="tuned", zorder=4)
+    ax.scatter(x, ab, facecolors="none", edgecolors="#1f77b4", s=28, label=base_label, zorder=3)
+    ax.scatter(x, at, color="#ff7f0e", s=16, label=tuned_label, zorder=4)
     ax.set_ylabel(r"$\alpha$")
     ax.set_title(title or r"Before / after: $\alpha$ per layer")
     ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=2)
     ax.grid(True, alpha=0.25)
-    ax2.bar(x, dl, color=np.where(col, "#d62728", "#7f7f7f"), width=0.8)
-    ax2.axhline(-REFERENCE_DROP_DEX, color="#d62728", ls="--", lw=1.0)
+    colors = np.where(col, "#d62728", "#4c72b0")
+    ax2.bar(x, dl, color=colors, width=0.8)
     ax2.axhline(0, color="black", lw=0.6)
+    finite = dl[np.isfinite(dl)]
+    span = float(np.max(np.abs(finite))) if finite.size else 0.0
+    span = span if span > 0 else 1e-6
+    lo, hi = -1.25 * span, 1.25 * span
+    if -REFERENCE_DROP_DEX >= lo:  # the threshold is within the data's scale: draw it
+        lo = min(lo, -1.15 * REFERENCE_DROP_DEX)
+        ax2.axhline(-REFERENCE_DROP_DEX, color="#d62728", ls="--", lw=1.0)
+    else:
+        ax2.text(0.995, 0.04, f"collapse threshold -{REFERENCE_DROP_DEX:g} dex is off this scale",
+                 transform=ax2.transAxes, ha="right", va="bottom", fontsize=7, color="#d62728")  # fmt: skip
+    ax2.set_ylim(lo, hi)
+    ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax2.set_ylabel(r"$\Delta\log_{10}\lambda_{max}$")
-    ax2.set_xlabel("layer (base model order); red: scale collapse")
+    ax2.set_xlabel(f"layer (order of {base_label}); red: scale collapse")
     ax2.grid(True, alpha=0.25)
     if len(cmp) <= 60:
         short = [str(n).replace("encoder.", "").replace("layer.", "L") for n in cmp["name"]]
@@ -363,15 +486,15 @@ def plot_randomized_esd(
     edges = _log_bins(pos, bins)
     fig = Figure(figsize=(10.0, 4.0))
     ax1, ax2 = fig.subplots(1, 2, sharex=True, sharey=True)
-    ax1.hist(ev[ev > EVALS_THRESH], bins=edges, density=True, color="#4c72b0", alpha=0.6)
+    _log_density_bars(ax1, ev[ev > EVALS_THRESH], edges, "#4c72b0")
     ax1.axvline(ev.max(), color="#4c72b0", ls=":", lw=1.0)
     ax1.set_title("W")
-    ax2.hist(rev[rev > EVALS_THRESH], bins=edges, density=True, color="#9467bd", alpha=0.6)
+    _log_density_bars(ax2, rev[rev > EVALS_THRESH], edges, "#9467bd")
     if mp.sigma_mp > 0:
         xs = np.linspace(mp.bulk_min, mp.bulk_max, 400)[1:-1]
-        # density of the eigenvalues in their own units: rho(x * scale) * scale
-        ax2.plot(xs, mp_density(xs * mp.scale, mp.Q, mp.sigma_mp) * mp.scale, color="black", lw=1.2,
-                 label=rf"MP fit, $\sigma$ = {mp.sigma_mp:.3f}")  # fmt: skip
+        # density of the eigenvalues in their own units, rho(x * scale) * scale, then of log10 x
+        rho = mp_density(xs * mp.scale, mp.Q, mp.sigma_mp) * mp.scale * xs * math.log(10.0)
+        ax2.plot(xs, rho, color="black", lw=1.2, label=rf"MP fit, $\sigma$ = {mp.sigma_mp:.3f}")
     ax2.axvline(mp.threshold, color="#d62728", ls="--", lw=1.2, label="bulk edge + TW margin")
     traps = rev[rev > mp.threshold]
     for i, t in enumerate(traps):
@@ -383,7 +506,7 @@ def plot_randomized_esd(
         ax.set_yscale("log")
         ax.set_xlabel(r"eigenvalue $\lambda$")
         ax.grid(True, alpha=0.25)
-    ax1.set_ylabel("density")
+    ax1.set_ylabel(r"density of $\log_{10}\lambda$ (per decade)")
     fig.suptitle(title or (f"Correlation traps: {name}" if name else "Correlation traps"))
     fig.tight_layout()
     return _finish(fig, path)

@@ -1,14 +1,15 @@
-"""Layer-importance charts of a FROG selection (seed §9 and §10).
+"""Layer-importance charts of a FROG selection (docs/method.md#layer-importance).
 
 Every function returns a :class:`matplotlib.figure.Figure` drawn on the Agg canvas; nothing is
 shown and no pyplot state is touched. Save with ``fig.savefig(path)``.
 
 Values plotted (``value=``):
 
-* ``"importance"``: seed §9 matrix score, the share ``R_i · m_i / Σ R_j · m_j`` that set the budget;
-* ``"selected_score_sum"``: seed §10 layer importance, Σ S over the matrix's selected weights;
+* ``"importance"``: the matrix score, the share ``R_i · m_i / Σ R_j · m_j`` that set the budget
+  (docs/method.md#budget);
+* ``"selected_score_sum"``: Σ S over the matrix's selected weights (docs/method.md#global);
 * ``"k"``: number of selected weights;
-* ``"auto"``: §10 for a global selection, §9 otherwise.
+* ``"auto"``: ``selected_score_sum`` for a global selection, ``importance`` otherwise.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ __all__ = [
 
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks)\.\d+)(?:\.|$)")
 _LABELS = {
-    "importance": "matrix score R·m (seed §9)",
-    "selected_score_sum": "Σ S of selected weights (seed §10)",
+    "importance": "budget share R·m / Σ R·m",
+    "selected_score_sum": "Σ S of selected weights",
     "k": "selected weights k",
 }
 
@@ -87,16 +88,30 @@ def _bars(ax: "Axes", labels: list[str], heights: np.ndarray, ylabel: str, title
     ax.set_title(title, fontsize=10)
 
 
+def _budget_text(budget: object) -> str:
+    if isinstance(budget, float):
+        return f"{100 * budget:.4g} %"
+    return f"{budget} weights"
+
+
+def _blend_text(meta: dict) -> str:
+    """``no α blend`` at blend 0 (the direction does nothing then), else ``α blend λ (direction)``."""
+    try:
+        blend = float(meta.get("blend") or 0.0)
+    except (TypeError, ValueError):
+        blend = 0.0
+    if blend == 0.0:
+        return "no α blend"
+    return f"α blend {blend:g} ({meta.get('direction')})"
+
+
 def _title(masks: "Masks") -> str:
     m = masks.meta
-    return (
-        f"FROG {m.get('strategy')} selection, budget {m.get('budget')}, "
-        f"blend {m.get('blend')} ({m.get('direction')})"
-    )
+    return f"FROG {m.get('strategy')} selection, budget {_budget_text(m.get('budget'))}, {_blend_text(m)}"
 
 
 def plot_matrix_importance(masks: "Masks", *, value: str = "auto", ax: "Axes | None" = None) -> Figure:
-    """Bar per targeted matrix, in model order (seed §9: x = layer, y = its score)."""
+    """Bar per targeted matrix, in model order (x = matrix, y = its value)."""
     column = _value(masks, value)
     df = masks.summary()
     fig, (ax,) = _new_figure() if ax is None else (ax.figure, [ax])
@@ -124,9 +139,9 @@ def plot_importance(masks: "Masks", *, value: str = "auto") -> Figure:
 def plot_strategy_comparison(per_matrix: "Masks", global_: "Masks", *, by: str = "matrix") -> Figure:
     """Per-matrix and global selection side by side, as shares of their totals.
 
-    Top panel: layer importance — §9 matrix score of the per-matrix selection beside the §10 sum of
-    selected scores of the global one, each normalised to sum to 1. Bottom panel: share of the
-    trainable weights each matrix (or block, ``by="block"``) receives.
+    Top panel: layer importance — the budget share ``R·m`` of the per-matrix selection beside the
+    sum of selected scores of the global one, each normalised to sum to 1. Bottom panel: share of
+    the trainable weights each matrix (or block, ``by="block"``) receives.
     """
     if by not in ("matrix", "block"):
         raise ValueError(f"by must be 'matrix' or 'block', got {by!r}")
@@ -141,7 +156,7 @@ def plot_strategy_comparison(per_matrix: "Masks", global_: "Masks", *, by: str =
 
     fig, axes = _new_figure(rows=2)
     panels = [
-        ("share of layer importance\n(§9 score | §10 Σ selected S)", series(a, "importance"), series(b, "selected_score_sum")),
+        ("share of layer importance\n(R·m | Σ selected S)", series(a, "importance"), series(b, "selected_score_sum")),
         ("share of trainable weights", series(a, "k"), series(b, "k")),
     ]
     for ax, (ylabel, left, right) in zip(axes, panels):
@@ -154,6 +169,8 @@ def plot_strategy_comparison(per_matrix: "Masks", global_: "Masks", *, by: str =
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     axes[0].set_title(
-        f"per-matrix vs global FROG selection, budget {per_matrix.meta.get('budget')} (by {by})", fontsize=10
+        f"per-matrix vs global FROG selection, budget {_budget_text(per_matrix.meta.get('budget'))}, "
+        f"{_blend_text(per_matrix.meta)} (by {by})",
+        fontsize=10,
     )
     return fig

@@ -19,6 +19,7 @@ __all__ = ["PowerLawFit", "fit_power_law", "EVALS_THRESH", "SMALL_N"]
 EVALS_THRESH = 1e-5  # eigenvalues at or below this are dropped before the fit
 SMALL_N = 20  # below this many eigenvalues: bias-corrected alpha, tails of >= SMALL_N_MIN_TAIL
 SMALL_N_MIN_TAIL = 8
+TPL_ALPHA_RANGE = {"alpha": [0.0, 100.0]}  # search range of the TPL exponent (powerlaw's default: [0, 3])
 _BLOCK_ELEMS = 250_000  # elements per block of the KS scan: ~2 MB per temporary array
 
 
@@ -140,7 +141,10 @@ def _fit_tpl(x: np.ndarray, pl: PowerLawFit) -> PowerLawFit:
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            fit = powerlaw.Fit(x, xmin=pl.xmin, xmax=None, verbose=False)
+            # powerlaw 2.0 searches alpha in [0, 3] unless told otherwise; lift the cap as the
+            # plain fit's reference does. The floor stays 0: with the exponential cut-off any
+            # alpha >= 0 is a normalisable density (docs/method.md#tpl).
+            fit = powerlaw.Fit(x, xmin=pl.xmin, xmax=None, verbose=False, parameter_ranges=TPL_ALPHA_RANGE)
             tpl = fit.truncated_power_law
             alpha, lam, D = float(tpl.alpha), float(tpl.Lambda), float(tpl.D)
     except Exception as e:  # powerlaw raises bare exceptions from its optimiser

@@ -66,7 +66,9 @@ def test_cli_select_blend_with_alpha_table_and_targets(tiny_model_file, tmp_path
 
 def test_cli_select_errors(tiny_model_file, tmp_path, capsys):
     assert main(["select", str(tmp_path / "missing.safetensors"), "--no-progress"]) == 1
-    assert main(["select", str(tiny_model_file), "--blend", "2", "--no-progress"]) == 1
+    with pytest.raises(SystemExit) as e:  # an argument error: exit 2, before the model loads
+        main(["select", str(tiny_model_file), "--blend", "2", "--no-progress"])
+    assert e.value.code == 2
     assert "blend" in capsys.readouterr().err
     out = tmp_path / "never.safetensors"
     assert main(["select", str(tiny_model_file), "--targets", "nothing", "--out", str(out), "--no-progress"]) == 1

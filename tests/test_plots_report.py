@@ -19,7 +19,7 @@ from frogwatch.cli import main
 from frogwatch.diagnostics import compare, layer_spectrum
 from frogwatch.plots import plot_alpha_depth, plot_compare, plot_esd, plot_randomized_esd
 from frogwatch.powerlaw_fit import fit_power_law
-from frogwatch.report import report
+from frogwatch.html_report import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYER = "encoder.layer.0.output.dense"

@@ -1,7 +1,10 @@
-"""Helpers shared by the CLI subcommands."""
+"""Helpers shared by the CLI subcommands: model arguments and checks made before any work."""
 
 from __future__ import annotations
 
+import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write  # noqa: F401  (re-exported for the subcommands)
@@ -24,3 +27,78 @@ def resolve_model(arg: str | None) -> Any:
 
         return load_default_model()
     return arg
+
+
+def check_model_path(arg: str | None, what: str = "model") -> None:
+    """Fail now, not after minutes of work, when a model path does not exist."""
+    if arg is not None and not Path(arg).exists():
+        raise FileNotFoundError(f"{arg}: no such file or directory ({what})")
+
+
+def check_input_file(arg: str | None, what: str) -> None:
+    if arg is not None and not Path(arg).is_file():
+        raise FileNotFoundError(f"{arg}: no such file ({what})")
+
+
+def check_output(path: str | os.PathLike | None, *, directory: bool = False, option: str = "--out") -> None:
+    """Raise if ``path`` cannot be written: a parent that is a file, a directory where a file
+    should go (or the reverse), or a parent directory that is not writable."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists():
+        if directory and not p.is_dir():
+            raise ValueError(f"{option} {str(p)!r} is an existing file, not a directory")
+        if not directory and p.is_dir():
+            raise ValueError(f"{option} {str(p)!r} is a directory; give a file name")
+    parent = p if directory else p.parent
+    for anc in [parent, *parent.parents]:
+        if anc.exists():
+            if not anc.is_dir():
+                raise ValueError(f"{option} {str(p)!r}: {str(anc)!r} is a file, not a directory")
+            if not os.access(anc, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {str(p)!r}: cannot write in {str(anc)!r} (permission denied)")
+            break
+
+
+def check_figure_path(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"{option} {path!r} must end in .png, .svg or .pdf")
+    check_output(path, option=option)
+
+
+def fraction_in_unit_interval(name: str):
+    """An argparse ``type`` for a float in [0, 1] (argument errors exit 2 before any work)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text!r}") from None
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
+        return v
+
+    return parse
+
+
+def positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text}")
+        return v
+
+    return parse
+
+
+def stage_bar(stages: list[str], enabled: bool, desc: str):
+    """A tqdm bar over the named stages of a long command (analyses, figures, ...)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(stages), desc=desc, unit="step", disable=not enabled, leave=False)

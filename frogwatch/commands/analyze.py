@@ -1,11 +1,13 @@
-"""``frogwatch analyze [MODEL] [--out DIR] [--format csv|parquet|json] [--quiet]``."""
+"""``frogwatch analyze [MODEL] [--out DIR] [--format csv|parquet|json] [--fit PL|TPL] [--quiet]``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
-from ..analyze import analyze, summary
-from ._common import add_model_argument, atomic_write, resolve_model
+from .._format import float_formatter, fmt_fixed
+from ._common import add_model_argument, atomic_write, check_model_path, check_output, resolve_model
 
 TABLE_COLUMNS = ["name", "layer_type", "M", "N", "alpha", "D", "log_spectral_norm",
                  "log_norm", "alpha_weighted", "stable_rank", "warning", "status"]  # fmt: skip
@@ -15,20 +17,28 @@ FORMATS = ("csv", "parquet", "json")
 def add_parser(sub):
     p = sub.add_parser("analyze", help="per-layer spectral diagnostics (alpha, norms, ranks)")
     add_model_argument(p)
-    p.add_argument("--out", metavar="DIR", help="write the per-layer table and summary here")
-    p.add_argument("--format", choices=FORMATS, default="csv", help="table format (default csv)")
-    p.add_argument("--fit", choices=("PL", "TPL"), default="PL", help="tail fit (default PL)")
-    p.add_argument("--fix-fingers", choices=("clip_xmax",), default=None)
+    p.add_argument("--out", metavar="DIR", help="write the per-layer table and summary.json here")
+    p.add_argument("--format", choices=FORMATS, default="csv", help="table format (default csv; parquet needs pyarrow)")
+    p.add_argument("--fit", choices=("PL", "TPL"), default="PL",
+                   help="tail fit: power law (default) or truncated power law")  # fmt: skip
+    p.add_argument("--fix-fingers", choices=("clip_xmax",), default=None,
+                   help="clip up to 9 outlying top eigenvalues when that lowers alpha by more than 1")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
 
-def write_table(df: pd.DataFrame, path, fmt: str) -> None:
-    if fmt == "parquet":
+def check(args) -> None:
+    """Checks made before the model is loaded: the path, the output directory, pyarrow."""
+    check_model_path(args.model)
+    check_output(args.out, directory=True)
+    if args.format == "parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise ValueError("--format parquet needs pyarrow: pip install pyarrow") from None
+
+
+def write_table(df: pd.DataFrame, path, fmt: str) -> None:
     writers = {
         "csv": lambda p: df.to_csv(p, index=False),
         "parquet": lambda p: df.to_parquet(p, index=False),
@@ -37,22 +47,35 @@ def write_table(df: pd.DataFrame, path, fmt: str) -> None:
     atomic_write(path, writers[fmt])
 
 
+def format_summary(s: pd.Series) -> str:
+    """The summary as text: counts as integers, means with 4 decimals, no ``-0.0000``."""
+    width = max(len(str(k)) for k in s.index)
+    lines = []
+    for k, v in s.items():
+        text = str(int(v)) if str(k).startswith("num_") else fmt_fixed(v, 4)
+        lines.append(f"{str(k):<{width}}  {text:>10}")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
+    from ..analyze import analyze, summary
+
     model = resolve_model(args.model)
     df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet)
     s = summary(df)
     if not args.quiet:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
-                               "display.float_format", "{:.3f}".format):  # fmt: skip
+                               "display.float_format", float_formatter(3)):  # fmt: skip
             print(df[TABLE_COLUMNS].to_string(index=False))
         for name, reason in df.attrs.get("skipped", []):
             print(f"skipped {name}: {reason}")
         print()
+    if args.fit == "TPL":
+        print("fit TPL: alpha is the exponent of x^-alpha exp(-Lambda x); the 2-6 reading and the "
+              "over-/under-trained labels apply to the plain power law only (docs/method.md#tpl)")  # fmt: skip
     print("summary (mean over analysed non-embedding layers; alpha_weighted = alpha-hat):")
-    print(s.to_string(float_format="{:.4f}".format))
+    print(format_summary(s))
     if args.out:
-        from pathlib import Path
-
         out = Path(args.out)
         table = out / f"analyze.{args.format}"
         write_table(df, table, args.format)

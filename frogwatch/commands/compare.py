@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ._common import atomic_write
+from .._format import float_formatter
+from ._common import atomic_write, check_model_path, check_output, stage_bar
 
 TABLE_COLUMNS = ["name", "alpha_base", "alpha_tuned", "alpha_change", "log_spectral_norm_change",
                  "alpha_weighted_change", "scale_collapse", "dW_fro", "dW_rel", "dW_alpha"]  # fmt: skip
@@ -15,21 +16,39 @@ def add_parser(sub):
     p.add_argument("base", metavar="BASE", help="the base model (path)")
     p.add_argument("tuned", metavar="TUNED", help="the tuned model (path), same architecture")
     p.add_argument("--out", metavar="FILE", help="write the full per-layer table as CSV")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary")
     return p
 
 
-def run(args) -> int:
-    from ..diagnostics.compare import compare, compare_summary
+def check(args) -> None:
+    """Both paths and the output are checked before the base is analysed."""
+    check_model_path(args.base, "BASE")
+    check_model_path(args.tuned, "TUNED")
+    check_output(args.out)
 
-    cmp = compare(args.base, args.tuned, progress=not args.quiet)
+
+def run(args) -> int:
+    from ..analyze import analyze
+    from ..diagnostics.compare import compare_summary, compare_tables
+
+    progress = not args.quiet
+    with stage_bar(["base", "tuned", "dW"], progress, "frogwatch compare") as bar:
+        bar.set_postfix_str("analyze BASE")
+        df_b = analyze(args.base, progress=progress)
+        bar.update()
+        bar.set_postfix_str("analyze TUNED")
+        df_t = analyze(args.tuned, progress=progress)
+        bar.update()
+        bar.set_postfix_str("spectra of dW = TUNED - BASE")
+        cmp = compare_tables(df_b, df_t, args.base, args.tuned)
+        bar.update()
     with pd.option_context("display.width", 180, "display.max_rows", 500,
-                           "display.float_format", "{:.4f}".format):  # fmt: skip
+                           "display.float_format", float_formatter(4)):  # fmt: skip
         if not args.quiet:
             print(cmp[TABLE_COLUMNS].to_string(index=False))
             print()
         print("model summary (base -> tuned):")
-        print(compare_summary(cmp).to_string())
+        print(compare_summary(cmp).to_string(na_rep=""))
     flagged = cmp.loc[cmp["scale_collapse"], "name"].tolist()
     if flagged:
         print(f"scale collapse against the base: {', '.join(flagged)}")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..analyze import describe
-from ._common import add_model_argument, resolve_model
+from ._common import add_model_argument, check_model_path, resolve_model
 
 
 def add_parser(sub):
@@ -14,7 +13,13 @@ def add_parser(sub):
     return p
 
 
+def check(args) -> None:
+    check_model_path(args.model)
+
+
 def run(args) -> int:
+    from ..analyze import describe
+
     df = describe(resolve_model(args.model))
     with pd.option_context("display.width", 160, "display.max_rows", 1000):
         print(df.to_string(index=False))

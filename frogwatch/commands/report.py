@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_model_argument, resolve_model
+from ._common import add_model_argument, check_model_path, check_output, resolve_model
 
 
 def add_parser(sub):
@@ -22,8 +22,14 @@ def add_parser(sub):
     return p
 
 
+def check(args) -> None:
+    check_model_path(args.model)
+    check_model_path(args.base, "--base")
+    check_output(args.out, directory=True)
+
+
 def run(args) -> int:
-    from ..report import report
+    from ..html_report import report
 
     model = resolve_model(args.model)
     path = report(

@@ -6,27 +6,47 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import add_model_argument, atomic_write, resolve_model
+from ._common import (
+    add_model_argument,
+    atomic_write,
+    check_figure_path,
+    check_input_file,
+    check_model_path,
+    check_output,
+    fraction_in_unit_interval,
+    positive_int,
+    resolve_model,
+)
 
-__all__ = ["add_parser", "parse_budget", "run"]
+__all__ = ["add_parser", "check", "parse_budget", "run"]
 
 _COLUMNS = ["name", "shape", "k", "fraction", "R", "importance", "selected_score_sum", "alpha", "multiplier"]
 
 
 def parse_budget(text: str) -> float | int:
     """``"1%"`` -> 0.01, ``"0.01"`` -> 0.01, ``"5000"`` -> 5000 (a count). ``"1"`` is one weight;
-    write ``"1.0"`` or ``"100%"`` for all of them."""
+    write ``"1.0"`` or ``"100%"`` for all of them. A fraction outside (0, 1] or a count below 1 is
+    an argument error (exit status 2), found before the model is loaded."""
     s = str(text).strip()
     try:
         if s.endswith("%"):
-            return float(s[:-1]) / 100.0
-        if s.lstrip("+").isdigit():
-            return int(s)
-        return float(s)
+            value: float | int = float(s[:-1]) / 100.0
+        elif s.lstrip("+").isdigit():
+            value = int(s)
+        else:
+            value = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid budget {text!r}: use a percentage (1%), a fraction (0.01) or a count (5000)"
         ) from None
+    if isinstance(value, int):
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"budget must be a count >= 1 or a fraction in (0, 1] (e.g. 1%), got {text!r}"
+            )
+    elif not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"budget must be in (0%, 100%] as a fraction, got {text!r}")
+    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,7 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--budget", type=parse_budget, default=0.01, help="1%%, 0.01 or a count (default 1%%)")
     p.add_argument("--strategy", choices=STRATEGIES, default="per_matrix")
-    p.add_argument("--blend", type=float, default=0.0, help="α blend strength λ in [0, 1] (default 0: plain FROG)")
+    p.add_argument("--blend", type=fraction_in_unit_interval("--blend"), default=0.0, help="α blend strength λ in [0, 1] (default 0: plain FROG)")
     p.add_argument("--direction", choices=DIRECTIONS, default="undertrained-first")
     p.add_argument(
         "--alpha",
@@ -59,7 +79,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="module-name regexes to target (default: all linear layers but the output head); put MODEL first",
     )
     p.add_argument("--method", choices=METHODS, default="exact", help="how S is computed (default exact SVD)")
-    p.add_argument("--rank", type=int, help="rank of a truncated / randomized S")
+    p.add_argument("--rank", type=positive_int("--rank"), help="rank of a truncated / randomized S")
     p.add_argument("--out", metavar="PATH", help="write the masks (safetensors)")
     p.add_argument("--plot", metavar="PNG", help="write the layer-importance chart (per matrix and per block)")
     p.add_argument(
@@ -93,17 +113,27 @@ def _format_summary(masks: Any) -> str:
     return f"{body}\n{masks!r}"
 
 
+def check(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model is loaded."""
+    check_model_path(args.model)
+    check_input_file(args.alpha, "--alpha table")
+    check_output(args.out)
+    check_figure_path(args.plot, "--plot")
+    check_figure_path(args.compare_plot, "--compare-plot")
+
+
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..frog.select import select
 
-    model = resolve_model(args.model)
     alpha = None
     if args.alpha:
-        if not Path(args.alpha).is_file():
-            raise FileNotFoundError(f"{args.alpha}: no such alpha table")
         alpha = pd.read_csv(args.alpha)
+        missing = {"name", "alpha"} - set(alpha.columns)
+        if missing:
+            raise ValueError(f"--alpha {args.alpha}: the table lacks column(s) {sorted(missing)}")
+    model = resolve_model(args.model)
     kwargs = dict(
         targets=args.targets or "all-linear",
         blend=args.blend,

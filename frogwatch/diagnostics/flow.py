@@ -195,7 +195,9 @@ def overparameterized(df: pd.DataFrame) -> pd.Series:
     """
     _require(df, ("alpha",), "overparameterized")
     alpha = pd.to_numeric(df["alpha"], errors="coerce")
-    return (trusted_fit(df) & (alpha > ALPHA_HIGH)).astype(bool)
+    # a truncated power law's alpha is not on the 2-6 scale (docs/method.md#tpl)
+    plain = pd.to_numeric(df["Lambda"], errors="coerce").isna() if "Lambda" in df.columns else True
+    return (trusted_fit(df) & (alpha > ALPHA_HIGH) & plain).astype(bool)
 
 
 def _require(df: Any, cols: Sequence[str], who: str) -> None:
@@ -439,6 +441,27 @@ class CorrelationFlow:
     def verdict(self) -> str:
         """The model-level verdict."""
         return str(self.groups.loc["model", "verdict"])
+
+    def __repr__(self) -> str:
+        """A short readable summary: the verdict and one line per kind (``print(flow)``); the
+        full tables are ``flow.groups``, ``flow.layers`` and ``flow.pairs``."""
+        from .._format import fmt_fixed
+
+        lines = [f"CorrelationFlow: {self.verdict} ({len(self.layers)} layers)"]
+        for group, r in self.groups.iterrows():
+            lines.append(
+                f"  {str(group):<10} n={int(r['n']):<3} in 2..6: {fmt_fixed(r['share_in_range'], 2):>4}  "
+                f"median alpha {fmt_fixed(r['alpha_median'], 2):>5}  slope {fmt_fixed(r['slope'], 2):>6}  "
+                f"{r['verdict']}"
+            )
+        if self.pairs is not None and len(self.pairs):
+            enr = self.pairs.groupby("relation")["enrichment"].median()
+            desc = ", ".join(f"{k} {fmt_fixed(v, 1)}x" for k, v in enr.items())
+            lines.append(f"  subspace overlap over random (median): {desc}")
+        lines.append("  tables: .groups, .layers, .pairs")
+        return "\n".join(lines)
+
+    __str__ = __repr__
 
 
 def correlation_flow(df: pd.DataFrame, model: Any = None, *, top_k: int = DEFAULT_TOP_K) -> CorrelationFlow:

@@ -1,5 +1,8 @@
 """One self-contained HTML report of a model's diagnostics, plus the tables as CSV.
 
+The public entry point is :func:`frogwatch.report` (this module is named ``html_report`` so that
+importing it never replaces the function ``frogwatch.report`` with a module).
+
 ``report(model, base=None, out_dir=...)`` writes into ``out_dir``:
 
 * ``index.html`` - summary, findings, correlation flow, figures (embedded as base64 PNG, so the
@@ -25,7 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tqdm.auto import tqdm
+
 from . import __version__
+from ._format import fmt_number
 from ._io import atomic_write_bytes
 from .analyze import analyze, summary
 from .diagnostics.compare import compare_summary, compare_tables
@@ -47,7 +53,7 @@ from .plots import (
     plot_randomized_esd,
 )
 
-__all__ = ["report", "model_label"]
+__all__ = ["report", "model_label", "model_labels"]
 
 LAYER_TABLE_COLUMNS = [
     "name", "layer_id", "layer_type", "M", "N", "alpha", "D", "num_pl_spikes",
@@ -90,17 +96,13 @@ def model_label(model: Any) -> str:
     return name
 
 
-def _fmt(x: Any) -> str:
-    if isinstance(x, (bool, np.bool_)):
-        return "yes" if x else ""
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    if isinstance(x, (float, np.floating)):
-        if not math.isfinite(float(x)):
-            return ""
-        ax = abs(float(x))
-        return f"{x:.3g}" if (ax >= 1e4 or (0 < ax < 1e-3)) else f"{x:.3f}"
-    return str(x)
+def model_labels(base: Any, tuned: Any) -> tuple[str, str]:
+    """Labels for a before/after pair that tell the two apart: ``base: ...`` / ``tuned: ...``
+    when both sources would otherwise get the same name (e.g. two in-memory BertModels)."""
+    b, t = model_label(base), model_label(tuned)
+    if b == t:
+        return f"base {b}", f"tuned {t}"
+    return b, t
 
 
 def _table(df: pd.DataFrame, index: bool = False) -> str:
@@ -117,7 +119,7 @@ def _table(df: pd.DataFrame, index: bool = False) -> str:
             out.append(f'<th class="row">{html.escape(str(idx))}</th>')
         for v, num in zip(row, numeric):
             cls = ' class="num"' if num else ""
-            out.append(f"<td{cls}>{html.escape(_fmt(v))}</td>")
+            out.append(f"<td{cls}>{html.escape(fmt_number(v))}</td>")
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
@@ -214,11 +216,25 @@ def report(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
     kw = dict(analyze_kwargs, randomize=randomize, mp_fit=mp_fit, seed=seed)
-    label = model_label(model)
+    if base is not None:
+        base_label, label = model_labels(base, model)
+    else:
+        label = model_label(model)
+    stages = ["analyze", "correlation flow", "figures"] + (["analyze base", "compare"] if base is not None else [])
+    bar = tqdm(total=len(stages), desc="frogwatch report", unit="step", disable=not progress, leave=False)
+
+    def stage(i: int) -> None:
+        if i:
+            bar.update()
+        bar.set_postfix_str(stages[i])
+
+    stage(0)
     df = analyze(model, progress=progress, **kw)
     s = summary(df)
+    stage(1)
     flow = correlation_flow(df, model)
 
+    stage(2)
     figs: list[str] = []
     row_of = df.set_index("name")
     matrix_names = set(_matrix_names(model))
@@ -229,9 +245,10 @@ def report(
     for name in esd_layers:
         if name not in matrix_names:
             continue  # an unpooled conv slice: no matrix of that name
-        spec = layer_spectrum(model, name)
-        png = figure_bytes(plot_esd(spec, row_of.loc[name], title=name))
-        figs.append(_figure(png, f"ESD of {name} with its power-law fit (alpha = {row_of.loc[name, 'alpha']:.2f})."))
+        row = row_of.loc[name].copy()
+        row["name"] = name
+        png = figure_bytes(plot_esd(row, model=model, title=name))
+        figs.append(_figure(png, f"ESD of {name} with its power-law fit (alpha = {row['alpha']:.2f})."))
     if randomize and "rand_num_spikes" in df.columns:
         traps = pd.to_numeric(df["rand_num_spikes"], errors="coerce").fillna(0)
         name = df.loc[traps.idxmax(), "name"] if (traps > 0).any() else None
@@ -244,12 +261,17 @@ def report(
 
     cmp = cmp_sum = None
     if base is not None:
+        stage(3)
         df_base = analyze(base, progress=progress, **kw)
+        stage(4)
         cmp = compare_tables(df_base, df, base, model)
         cmp_sum = compare_summary(cmp)
-        png = figure_bytes(plot_compare(cmp, title=f"{model_label(base)} -> {label}"))
-        figs.append(_figure(png, "Alpha per layer before (open) and after (filled); below, the change "
-                                 "of log10 lambda_max (red: scale collapse)."))
+        png = figure_bytes(plot_compare(cmp, title=f"{base_label} -> {label}",
+                                        base_label=base_label, tuned_label=label))  # fmt: skip
+        figs.append(_figure(png, f"Alpha per layer in {base_label} (open) and {label} (filled); below, "
+                                 "the change of log10 lambda_max (red: scale collapse)."))  # fmt: skip
+    bar.update()
+    bar.close()
 
     # ---- page
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -262,7 +284,7 @@ def report(
         f"<title>{html.escape(page_title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(page_title)}</h1>",
         f'<p class="meta">frogwatch {__version__} &middot; {now} &middot; {len(df)} matrices analysed'
-        + (f" &middot; compared with {html.escape(model_label(base))}" if base is not None else "")
+        + (f" &middot; compared with {html.escape(base_label)}" if base is not None else "")
         + "</p>",
         "<h2>Findings</h2><ul class=\"findings\">",
         *[f"<li>{item}</li>" for item in _findings(df, flow)],
@@ -291,7 +313,7 @@ def report(
     if cmp is not None:
         parts += [
             "<h2>Before / after</h2>",
-            f"<p>Base: {html.escape(model_label(base))}. Scale collapse: log10 lambda_max falls by "
+            f"<p>Base: {html.escape(base_label)}. Scale collapse: log10 lambda_max falls by "
             "more than 0.3 while alpha does not improve. dW = W_tuned - W_base.</p>",
             _table(cmp_sum, index=True),
             _table(cmp[[c for c in COMPARE_TABLE_COLUMNS if c in cmp.columns]]),
