@@ -63,7 +63,9 @@ def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 110) -> bytes:
     if fmt not in ("png", "svg"):
         raise ValueError(f"fmt must be 'png' or 'svg', got {fmt!r}")
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi)  # figures are laid out by tight_layout already
+    # no version or date in the file: the same data gives the same bytes
+    meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+    fig.savefig(buf, format=fmt, dpi=dpi, metadata=meta)  # laid out by tight_layout already
     return buf.getvalue()
 
 
