@@ -45,7 +45,7 @@ def parse_budget(text: str) -> float | int:
                 f"budget must be a count >= 1 or a fraction in (0, 1] (e.g. 1%), got {text!r}"
             )
     elif not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"budget must be in (0%, 100%] as a fraction, got {text!r}")
+        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a percentage in (0%, 100%], got {text!r}")
     return value
 
 
