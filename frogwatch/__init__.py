@@ -17,7 +17,7 @@ from .sources import SourceError, layer_matrices, load_default_model
 # Public names that live in heavier modules, imported on first use.
 _LAZY = {
     "correlation_flow": "frogwatch.diagnostics.flow",
-    "compare": "frogwatch.diagnostics.compare",
+    "compare": "frogwatch.comparison",
     "compare_summary": "frogwatch.diagnostics.compare",
     "layer_spectrum": "frogwatch.diagnostics.traps",
     "report": "frogwatch.report",
