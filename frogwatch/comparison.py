@@ -11,7 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from .analyze import analyze
+from ._validation import fail_type
+from .analyze import analyze, check_options
 from .diagnostics.compare import compare_tables
 from .sources import resolve_source
 
@@ -48,9 +49,12 @@ def compare(base: Any, tuned: Any, *, progress: bool = False, **analyze_kwargs: 
         A bad option (checked by ``analyze`` before any model is read), or no layer name shared
         by the two models.
     """
-    if "hooks" in analyze_kwargs:  # a generator would be used up by the first analyze
-        analyze_kwargs["hooks"] = list(analyze_kwargs["hooks"])
+    # checked (and hooks made a tuple, so a generator is not used up) before any model is read
+    options = check_options("compare", progress=progress, **analyze_kwargs)
+    for who, source in (("base", base), ("tuned", tuned)):
+        if source is None:
+            raise fail_type("compare", who, "a model source", source)
     src_b, src_t = resolve_source(base), resolve_source(tuned)
-    df_b = analyze(src_b, progress=progress, **analyze_kwargs)
-    df_t = analyze(src_t, progress=progress, **analyze_kwargs)
+    df_b = analyze(src_b, **options)
+    df_t = analyze(src_t, **options)
     return compare_tables(df_b, df_t, src_b, src_t)

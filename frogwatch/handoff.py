@@ -109,6 +109,7 @@ def check_table(
     columns: Iterable[str] = ("name", "layer_type", "alpha"),
     *,
     name: str = "df",
+    producer: str = "frogwatch.analyze()",
 ) -> pd.DataFrame:
     """Check that ``df`` is an :func:`frogwatch.analyze` table with ``columns``; return it.
 
@@ -119,10 +120,11 @@ def check_table(
     ------
     NotATableError
         ``df`` is not a DataFrame, or lacks one of ``columns``. Message:
-        ``"{func}: {name} must be a table from frogwatch.analyze() with columns [...], got ..."``.
+        ``"{func}: {name} must be a table from frogwatch.analyze() with columns [...], got ..."``
+        (``producer`` names another producer, e.g. ``"frogwatch.compare()"``).
     """
     need = list(dict.fromkeys(columns))
-    expected = f"a table from frogwatch.analyze() with columns {need}"
+    expected = f"a table from {producer} with columns {need}"
     if not isinstance(df, pd.DataFrame):
         raise NotATableError(f"{func}: {name} must be {expected}, got {_describe(df)}")
     missing = [c for c in need if c not in df.columns]

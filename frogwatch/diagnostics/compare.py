@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..handoff import NotATableError, check_table, source_of
+from ..handoff import check_table, source_of
 from ..layers import layer_role
 from ..powerlaw_fit import fit_power_law
 from ..rules import summarize
@@ -49,6 +49,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 COMPARED_METRICS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted")
+_COMPARE_NEEDS = ("name", "alpha_base", "alpha_tuned", "scale_collapse", "dW_rel")
 _DELTA_COLUMNS = ["dW_fro", "dW_rel", "dW_stable_rank", "dW_alpha", "dW_status"]
 
 
@@ -166,11 +167,7 @@ def compare_summary(cmp: pd.DataFrame) -> pd.DataFrame:
         ``cmp.attrs["summary"]`` was lost (e.g. after a filter), the metrics are recomputed as
         means over the matched non-embedding rows.
     """
-    if not isinstance(cmp, pd.DataFrame) or "alpha_base" not in cmp.columns:
-        raise NotATableError(
-            "compare_summary: cmp must be a table from frogwatch.compare() with column "
-            f"'alpha_base', got {type(cmp).__name__}"
-        )
+    check_table(cmp, "compare_summary", _COMPARE_NEEDS, name="cmp", producer="frogwatch.compare()")
     table = cmp.attrs.get("summary")
     if isinstance(table, pd.DataFrame):
         table = table.copy()
