@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,9 +26,12 @@ import torch
 from matplotlib.figure import Figure
 
 from ._io import atomic_write_bytes
-from .diagnostics.flow import ALPHA_HIGH, ALPHA_LOW, KINDS, layer_kind
+from ._validation import check_bool, check_int, fail_type
+from .handoff import check_table
+from .layers import ALPHA_HIGH, ALPHA_LOW, ROLES, block_of, layer_role
 from .diagnostics.mp import fit_mp, mp_density
 from .diagnostics.traps import layer_rng, shuffle_entries
+from .plot_inputs import is_table_row, lambda_of, row_order, row_spectrum
 from .powerlaw_fit import EVALS_THRESH, PowerLawFit, fit_power_law
 from .spectra import Spectrum, eigenvalues
 
@@ -44,7 +46,7 @@ __all__ = [
 
 KIND_COLORS = dict(
     zip(
-        KINDS,
+        ROLES,
         ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#d62728", "#9467bd", "#8c564b",
          "#e377c2", "#7f7f7f", "#bcbd22"],
     )
@@ -134,45 +136,6 @@ def _as_matrix(W: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _row_spectrum(row: pd.Series, model: Any) -> Spectrum:
-    """The spectrum of the layer an ``analyze`` row describes, computed as ``analyze`` did."""
-    from ._source_ref import SourceRef
-    from .diagnostics.traps import find_layer
-    from .spectra import esd_matrices, spectrum
-
-    ref = row.attrs.get("source") if hasattr(row, "attrs") else None
-    method, pool = (ref.method, ref.pool) if isinstance(ref, SourceRef) else ("gram", True)
-    if model is None and isinstance(ref, SourceRef):
-        model = ref.get()
-    if model is None:
-        raise ValueError(
-            "plot_esd(row): the model this row came from is not known here (a state dict is not "
-            "kept, a module no longer exists); pass it: plot_esd(row, model=model)"
-        )
-    name = str(row["name"])
-    m = re.fullmatch(r"(.*)\[(\d+),(\d+)\]", name)  # an unpooled conv2d slice
-    lm = find_layer(model, m.group(1) if m and not pool else name)
-    W = lm.load().to(torch.float64)
-    groups = esd_matrices(lm, W, pool=pool)
-    if m and not pool:
-        groups = [(sfx, M) for sfx, M in groups if sfx == f"[{m.group(2)},{m.group(3)}]"]
-    return spectrum([M for _, M in groups], method=method)
-
-
-def _lambda_of(fit: Any) -> float:
-    """The truncated power law's cut-off of a fit (0 for a plain power law)."""
-    lam = fit.Lambda if isinstance(fit, PowerLawFit) else fit.get("Lambda", math.nan)
-    try:
-        lam = float(lam)
-    except (TypeError, ValueError):
-        return 0.0
-    return lam if math.isfinite(lam) and lam > 0 else 0.0
-
-
-def _is_table_row(x: Any) -> bool:
-    return isinstance(x, pd.Series) and "name" in x.index and "alpha" in x.index
-
-
 def plot_esd(
     layer: Any,
     fit: PowerLawFit | Mapping | None = None,
@@ -216,12 +179,13 @@ def plot_esd(
         The tail drawn holds exactly ``num_pl_spikes`` eigenvalues when the fit gives it, so the
         legend's tail count equals the table's.
     """
-    if _is_table_row(layer):
+    _check_args("plot_esd", title=title, path=path, bins=bins)
+    if is_table_row(layer):
         if fit is None:
             fit = layer
         if title is None:
             title = str(layer["name"])
-        ev = np.asarray(_row_spectrum(layer, model).evals, dtype=np.float64)
+        ev = np.asarray(row_spectrum(layer, model).evals, dtype=np.float64)
     else:
         ev = _evals_of(layer)
     if fit is None:
@@ -255,7 +219,7 @@ def plot_esd(
         tail = x[-min(n_tail, x.size):] if n_tail else x[x >= xmin]
         frac = tail.size / x.size
         xs = np.logspace(math.log10(xmin), math.log10(x.max()), 200)
-        lam = _lambda_of(fit)
+        lam = lambda_of(fit)
         if lam > 0:  # truncated power law x^-alpha exp(-lam x), normalised numerically on [xmin, inf)
             grid = np.logspace(math.log10(xmin), math.log10(xmin + 60.0 / lam), 4000)
             z = np.trapezoid(grid ** (-alpha) * np.exp(-lam * (grid - xmin)) * xmin**alpha, grid)
@@ -281,21 +245,22 @@ def plot_esd(
     return _finish(fig, path)
 
 
-def _require(df: Any, cols: tuple[str, ...], who: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{who}() expects a DataFrame")
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{who}(): the table lacks column(s) {missing}")
+def _check_args(func: str, *, title: Any = None, path: Any = None, bins: Any = 1) -> None:
+    """The arguments every plot takes, checked before anything is drawn."""
+    if title is not None and not isinstance(title, str):
+        raise fail_type(func, "title", "a str or None", title)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise fail_type(func, "path", "a str, os.PathLike or None", path)
+    check_int(bins, "bins", func, low=1)
 
 
 def _block_ticks(ax: Any, names: list[str], depth: np.ndarray) -> None:
     """Label the x axis by block (first number in the name) when the names have blocks."""
     firsts: dict[str, float] = {}
     for n, x in zip(names, depth):
-        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", n)
-        if m and m.group(1) not in firsts:
-            firsts[m.group(1)] = float(x)
+        b = block_of(n)
+        if b is not None and str(b) not in firsts:
+            firsts[str(b)] = float(x)
     if not 2 <= len(firsts) <= 60:
         return
     ticks = list(firsts.values())
@@ -303,16 +268,6 @@ def _block_ticks(ax: Any, names: list[str], depth: np.ndarray) -> None:
         ax.axvline(t - 0.5, color="#cccccc", lw=0.8, zorder=0)
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"block {b}" for b in firsts], rotation=0 if len(firsts) <= 12 else 90, fontsize=8)
-
-
-def _row_order(df: pd.DataFrame) -> str:
-    """What the table's row order is: module order for a model, name order for a file."""
-    from ._source_ref import SourceRef
-
-    ref = df.attrs.get("source")
-    if isinstance(ref, SourceRef):
-        return "natural name order of the file" if ref.is_path else "module order"
-    return "table order"
 
 
 def plot_alpha_depth(
@@ -339,9 +294,11 @@ def plot_alpha_depth(
     path : str or Path, optional
         Save as PNG or SVG.
     """
-    _require(df, ("name", "layer_type", "alpha"), "plot_alpha_depth")
+    check_table(df, "plot_alpha_depth")
+    _check_args("plot_alpha_depth", title=title, path=path)
+    include_embeddings = check_bool(include_embeddings, "include_embeddings", "plot_alpha_depth")
     d = df.sort_values("layer_id", kind="stable") if "layer_id" in df.columns else df
-    d = d.assign(kind=[layer_kind(n, t) for n, t in zip(d["name"], d["layer_type"])])
+    d = d.assign(kind=[layer_role(n, t) for n, t in zip(d["name"], d["layer_type"])])
     if not include_embeddings:
         d = d[d["kind"] != "embedding"]
     d = d.assign(depth=np.arange(len(d)), alpha=pd.to_numeric(d["alpha"], errors="coerce"))
@@ -355,7 +312,7 @@ def plot_alpha_depth(
     ax.axhspan(ALPHA_LOW, ALPHA_HIGH, color=_BAND_COLOR, alpha=0.08, lw=0)
     for y in (ALPHA_LOW, ALPHA_HIGH):
         ax.axhline(y, color=_BAND_COLOR, ls="--", lw=1.0)
-    for kind in [k for k in KINDS if k in set(d["kind"])]:
+    for kind in [k for k in ROLES if k in set(d["kind"])]:
         s = d[d["kind"] == kind]
         ax.plot(s["depth"], s["alpha"], "-", color=KIND_COLORS[kind], lw=0.8, alpha=0.5)
         ax.scatter(s["depth"], s["alpha"], color=KIND_COLORS[kind], s=30, label=kind, zorder=3)
@@ -369,7 +326,7 @@ def plot_alpha_depth(
     ax.text(1.0, ALPHA_LOW, r" $\alpha$ = 2", color=_BAND_COLOR, va="center", ha="left",
             transform=ax.get_yaxis_transform(), fontsize=8)  # fmt: skip
     _block_ticks(ax, list(d["name"]), d["depth"].to_numpy())
-    ax.set_xlabel(f"depth ({_row_order(df)}" + (", embeddings excluded)" if not include_embeddings else ")"))
+    ax.set_xlabel(f"depth ({row_order(df)}" + (", embeddings excluded)" if not include_embeddings else ")"))
     ax.set_ylabel(r"power-law exponent $\alpha$")
     ax.set_ylim(0, max(ALPHA_HIGH + 1.5, float(d["alpha"].max()) * 1.08))
     ax.set_title(title or r"Correlation flow: $\alpha$ against depth")
@@ -405,7 +362,11 @@ def plot_compare(
     path : str or Path, optional
         Save as PNG or SVG.
     """
-    _require(cmp, ("name", "alpha_base", "alpha_tuned", "log_spectral_norm_change", "scale_collapse"), "plot_compare")
+    check_table(
+        cmp, "plot_compare", ("name", "alpha_base", "alpha_tuned", "log_spectral_norm_change", "scale_collapse"),
+        name="cmp", producer="frogwatch.compare()",
+    )  # fmt: skip
+    _check_args("plot_compare", title=title, path=path)
     if cmp.empty:
         raise ValueError("plot_compare(): empty comparison")
     from .diagnostics.collapse import REFERENCE_DROP_DEX
@@ -477,6 +438,10 @@ def plot_randomized_esd(
     path : str or Path, optional
         Save as PNG or SVG.
     """
+    _check_args("plot_randomized_esd", title=title, path=path, bins=bins)
+    seed = check_int(seed, "seed", "plot_randomized_esd", low=0)
+    if not isinstance(name, str):
+        raise fail_type("plot_randomized_esd", "name", "a str", name)
     A = _as_matrix(W)
     N, M = max(A.shape), min(A.shape)
     ev = eigenvalues(A)
