@@ -30,17 +30,21 @@ def check(args) -> None:
 def run(args) -> int:
     from ..analyze import analyze
     from ..diagnostics.compare import compare_summary, compare_tables
+    from ..sources import resolve_source
 
     progress = not args.quiet
+    # frogwatch.compare's steps, one stage each, so a 30-45 s run shows where it is
     with stage_bar(["base", "tuned", "dW"], progress, "frogwatch compare") as bar:
         bar.set_postfix_str("analyze BASE")
-        df_b = analyze(args.base, progress=progress)
+        src_b = resolve_source(args.base)
+        df_b = analyze(src_b, progress=progress)
         bar.update()
         bar.set_postfix_str("analyze TUNED")
-        df_t = analyze(args.tuned, progress=progress)
+        src_t = resolve_source(args.tuned)
+        df_t = analyze(src_t, progress=progress)
         bar.update()
         bar.set_postfix_str("spectra of dW = TUNED - BASE")
-        cmp = compare_tables(df_b, df_t, args.base, args.tuned)
+        cmp = compare_tables(df_b, df_t, src_b, src_t)
         bar.update()
     with pd.option_context("display.width", 180, "display.max_rows", 500,
                            "display.float_format", float_formatter(4)):  # fmt: skip
