@@ -1,4 +1,4 @@
-"""Spectrum + power-law fit -> the per-layer columns of REFERENCE §2 (WeightWatcher's names)."""
+"""Spectrum + power-law fit -> the per-layer columns (docs/method.md#columns)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Eigenvalues -> power-law fit of the spectral tail (REFERENCE §2). Pure numpy; no torch.
+"""Eigenvalues -> power-law fit of the spectral tail (docs/method.md#alpha). Pure numpy; no torch.
 
 ``fit="PL"`` is the Clauset-Shalizi-Newman continuous maximum-likelihood fit with xmin chosen by
 the smallest Kolmogorov-Smirnov distance, scanned over every candidate xmin at once (blocked numpy,

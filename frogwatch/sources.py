@@ -5,9 +5,9 @@ directory of sharded safetensors, a ``.bin``/``.pt`` checkpoint, a Hugging Face 
 turned into a list of :class:`LayerMatrix`. A ``LayerMatrix`` knows its name, layer type and shape and
 reads its tensor lazily, on ``load()``, so a sharded checkpoint is read one tensor at a time.
 
-Matrix conventions (REFERENCE §1): ``nn.Linear`` gives ``W`` (out x in); Hugging Face ``Conv1D``
-gives ``W`` (in x out); ``nn.Conv2d`` gives the 4-D tensor (out, in, kh, kw); ``nn.Embedding`` gives
-(vocab x dim); each RNN/LSTM/GRU weight is split into its gate matrices. Biases and norms (1-D
+Matrix conventions (docs/method.md#matrices): ``nn.Linear`` gives ``W`` (out x in); Hugging Face
+``Conv1D`` gives ``W`` (in x out); ``nn.Conv2d`` gives the 4-D tensor (out, in, kh, kw);
+``nn.Embedding`` gives (vocab x dim); each RNN/LSTM/GRU weight is split into its gate matrices. Biases and norms (1-D
 tensors) are never layer matrices. Tied weights are listed once, under their first name.
 """
 

@@ -20,7 +20,7 @@ from .sources import LayerMatrix
 
 __all__ = ["Spectrum", "esd_matrices", "eigenvalues", "spectrum", "resolve_device"]
 
-CONV2D_POOLED_SCALE = math.sqrt(0.5)  # REFERENCE §2: WeightWatcher's conv2d normalisation
+CONV2D_POOLED_SCALE = math.sqrt(0.5)  # WeightWatcher's conv2d normalisation (docs/method.md#conv2d)
 
 
 @dataclass(frozen=True)

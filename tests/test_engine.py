@@ -24,7 +24,7 @@ from frogwatch.frog.engine import (
 
 
 def numpy_relevance(w: torch.Tensor) -> torch.Tensor:
-    """Brute-force S_ij = sum_k sigma_k |u_ik| |v_jk| with numpy's SVD (REFERENCE §3)."""
+    """Brute-force S_ij = sum_k sigma_k |u_ik| |v_jk| with numpy's SVD (docs/method.md#relevance)."""
     a = w.detach().double().reshape(w.shape[0], -1).numpy()
     u, sv, vt = np.linalg.svd(a, full_matrices=False)
     s = np.einsum("ik,k,jk->ij", np.abs(u), sv, np.abs(vt.T))

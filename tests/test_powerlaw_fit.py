@@ -18,7 +18,7 @@ powerlaw = pytest.importorskip("powerlaw")
 def pl_reference(evals):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # powerlaw 2.0 caps alpha at 3 unless the range is lifted (REFERENCE §2)
+        # powerlaw 2.0 caps alpha at 3 unless the range is lifted (docs/method.md#tpl)
         return powerlaw.Fit(evals[evals > 1e-5], xmax=None, verbose=False,
                             parameter_ranges={"alpha": [1, 100]})  # fmt: skip
 

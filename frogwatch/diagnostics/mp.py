@@ -1,6 +1,6 @@
 """Marchenko-Pastur (MP) fit of an eigenvalue spectrum: bulk edge, spikes, MP soft rank.
 
-Definitions (REFERENCE §2). The eigenvalues are first rescaled to mean 1
+Definitions (docs/method.md#mp). The eigenvalues are first rescaled to mean 1
 (``x = evals * n / sum(evals)``). For a matrix of i.i.d. entries and aspect ratio ``Q = N / M``
 (``gamma = 1 / Q``) the rescaled ESD follows the MP law of scale ``s = 1``:
 

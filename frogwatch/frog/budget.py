@@ -1,4 +1,4 @@
-"""FROG budgets: how many weights each matrix trains (REFERENCE §3, steps 3–5).
+"""FROG budgets: how many weights each matrix trains (docs/method.md#budget).
 
 Pure functions on integers and arrays; no model.
 

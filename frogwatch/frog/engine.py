@@ -3,7 +3,7 @@
 ``prepare(model, masks)`` turns every targeted ``nn.Linear``, Hugging Face ``Conv1D`` and
 ``nn.Conv2d`` into a sparse-delta layer that computes with
 
-    W_eff = W0 + scatter(mask, delta)                                        (REFERENCE §3)
+    W_eff = W0 + scatter(mask, delta)                                        (docs/method.md#training)
 
 where ``W0`` is the frozen pretrained weight and ``delta`` a 1-D ``nn.Parameter`` holding the ``k``
 selected entries (in the row-major order of ``mask.flatten()``). Gradients and optimizer state are

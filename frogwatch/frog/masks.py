@@ -48,10 +48,11 @@ class MaskInfo:
     shape : tuple of int
         Shape of the module's weight, which is the shape of the mask.
     R : float
-        Frobenius importance ``‖W_i‖_F / Σ_j ‖W_j‖_F`` over the targeted matrices (seed §3.4).
+        Frobenius importance ``‖W_i‖_F / Σ_j ‖W_j‖_F`` over the targeted matrices
+        (docs/method.md#budget).
     importance : float
-        The seed §9 matrix score that allocated the budget: ``R_i · m_i / Σ_j R_j · m_j``
-        (equal to ``R`` when ``blend = 0``).
+        The matrix score that allocated the budget: ``R_i · m_i / Σ_j R_j · m_j`` (equal to ``R``
+        when ``blend = 0``; docs/method.md#layer-importance).
     alpha : float
         Power-law α used for the multiplier (NaN: failed fit, not given, or not blended).
     multiplier : float
@@ -60,7 +61,8 @@ class MaskInfo:
         Spectral energy captured by the SVD behind S (1.0 for the exact full SVD; NaN when S was
         not computed because the matrix got no budget).
     score_sum : float
-        Sum of S over the selected entries, in float64 (seed §10 layer importance).
+        Sum of S over the selected entries, in float64: the layer importance of a global
+        selection (docs/method.md#layer-importance).
     """
 
     name: str
@@ -227,8 +229,9 @@ class Masks(Mapping):
         """One row per matrix.
 
         Columns: ``name``, ``shape``, ``size``, ``k``, ``fraction`` (k / size), ``R`` (Frobenius
-        share), ``importance`` (seed §9 matrix score R·m, normalised), ``selected_score_sum``
-        (seed §10: Σ S over the selected entries), ``alpha``, ``multiplier``, ``kind``, ``energy``.
+        share), ``importance`` (the budget share R·m, normalised), ``selected_score_sum`` (Σ S over
+        the selected entries; both in docs/method.md#layer-importance), ``alpha``, ``multiplier``,
+        ``kind``, ``energy``.
         """
         rows = []
         for name, info in self._infos.items():

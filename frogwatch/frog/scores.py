@@ -1,6 +1,7 @@
 """FROG scores: weight relevance S, matrix importance R, and the α multiplier m(α).
 
-Pure functions on tensors and arrays; no model, no I/O. REFERENCE.md §3 and §4.
+Pure functions on tensors and arrays; no model, no I/O. Definitions: docs/method.md#relevance,
+#blend.
 
 * Relevance (§3.1): for ``W = U diag(σ) Vᵀ``, ``S = |U| diag(σ) |V|ᵀ``, i.e.
   ``S_ij = Σ_k σ_k |u_ik| |v_jk|``. By the triangle inequality ``S_ij ≥ |W_ij|``. The exact path
@@ -207,7 +208,7 @@ def relevance(
     method: str = "exact",
     return_energy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, float]:
-    """FROG relevance ``S = |U| diag(σ) |V|ᵀ`` of a weight (REFERENCE §3.1), in float64.
+    """FROG relevance ``S = |U| diag(σ) |V|ᵀ`` of a weight (docs/method.md#relevance), in float64.
 
     Parameters
     ----------
@@ -263,7 +264,7 @@ def alpha_multipliers(
     blend: float,
     direction: str = "undertrained-first",
 ) -> np.ndarray:
-    """Per-layer multiplier ``m_i = m(α_i)`` of the blended FROG score (REFERENCE §4).
+    """Per-layer multiplier ``m_i = m(α_i)`` of the blended FROG score (docs/method.md#blend).
 
     The finite α of the targeted layers are mapped linearly onto ``[1 - λ, 1 + λ]`` over their own
     range (AlphaPruning's linear α → layer-ratio map, centred on 1)::

@@ -1,4 +1,4 @@
-"""FROG selection: which individual weights to fine-tune (REFERENCE §3 and §4).
+"""FROG selection: which individual weights to fine-tune (docs/method.md#relevance, #budget, #blend).
 
 :func:`select` reads the targeted matrices of any model source one at a time, scores them with
 the SVD relevance S, allocates the budget, and returns :class:`~frogwatch.frog.masks.Masks`.
@@ -163,15 +163,15 @@ def select(
         Fraction ``G`` in (0, 1] of the targeted weights, or an integer count. The number trained
         is ``T_trainable = round(G · T)``, ``T`` = weights in the targeted matrices.
     strategy : {"per_matrix", "global"}
-        ``per_matrix`` (seed §3.5): matrix ``i`` gets ``k_i ∝ R_i · m_i`` weights, capped at its
-        size with the overflow redistributed, ``Σ k_i = T_trainable`` exactly; then its ``k_i``
-        entries of largest S. ``global`` (seed §10): the ``T_trainable`` largest ``S_ij · m_i``
-        over all targeted matrices at once. Ties are broken by position in the concatenation of
-        the targets (matrix order, then flat index), lowest first.
+        ``per_matrix`` (docs/method.md#budget): matrix ``i`` gets ``k_i ∝ R_i · m_i`` weights,
+        capped at its size with the overflow redistributed, ``Σ k_i = T_trainable`` exactly; then
+        its ``k_i`` entries of largest S. ``global`` (docs/method.md#global): the ``T_trainable``
+        largest ``S_ij · m_i`` over all targeted matrices at once. Ties are broken by position in
+        the concatenation of the targets (matrix order, then flat index), lowest first.
     targets : "all-linear", regex(es), or callable
         See :func:`resolve_targets`.
     blend : float
-        λ in [0, 1]: strength of the α multiplier ``m_i`` (REFERENCE §4); 0 is plain FROG.
+        λ in [0, 1]: strength of the α multiplier ``m_i`` (docs/method.md#blend); 0 is plain FROG.
     alpha : DataFrame or dict, optional
         Per-layer α (``frogwatch.analyze`` output, or ``{name: alpha}``; NaN = failed fit, which is
         neutral). Computed with ``frogwatch.analyze(model)`` when ``blend > 0`` and not given.
