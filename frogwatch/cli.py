@@ -43,12 +43,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (SourceError, ValueError, FileNotFoundError) as e:
+    except (SourceError, ValueError, OSError) as e:  # OSError: missing file, full disk, read-only
+        _close_progress_bars()
         print(f"frogwatch {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Clear any progress bar an exception left open, so the message gets a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -256,20 +256,12 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], Callable, Any]]:
-    from safetensors import safe_open
-
     header = _safetensors_header(path)
     keys = sorted((k for k in header if k != "__metadata__"), key=natural_key)
 
-    def loader(key: str) -> Callable[[], torch.Tensor]:
-        def load() -> torch.Tensor:
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(key)
-
-        return load
-
     return [
-        (k, tuple(header[k]["shape"]), loader(k), (str(path), tuple(header[k]["data_offsets"])))
+        (k, tuple(header[k]["shape"]), _single_tensor_loader(path, k),
+         (str(path), tuple(header[k]["data_offsets"])))
         for k in keys
     ]
 
@@ -302,8 +294,11 @@ def _single_tensor_loader(path: Path, key: str) -> Callable[[], torch.Tensor]:
     from safetensors import safe_open
 
     def load() -> torch.Tensor:
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # the file vanished or was truncated after it was listed
+            raise SourceError(f"{path}: could not read tensor {key}: {type(e).__name__}: {e}") from None
 
     return load
 
