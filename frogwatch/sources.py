@@ -246,6 +246,7 @@ def _safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
+    _check_header(path, header)
     data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_len > size:
         raise SourceError(
@@ -253,6 +254,24 @@ def _safetensors_header(path: Path) -> dict:
             f"file has {size}"
         )
     return header
+
+
+def _is_int_list(v: Any, length: int | None = None) -> bool:
+    return isinstance(v, list) and (length is None or len(v) == length) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
+def _check_header(path: Path, header: Any) -> None:
+    """Each tensor entry needs a dtype string, a shape and ordered data offsets (as the format)."""
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and _is_int_list(v.get("shape"))
+                and _is_int_list(v.get("data_offsets"), 2)
+                and v["data_offsets"][0] <= v["data_offsets"][1]):
+            raise SourceError(f"{path}: corrupt safetensors header entry for {k!r}: {v!r}"[:300])
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], Callable, Any]]:
@@ -270,8 +289,11 @@ def _sharded_entries(index_path: Path) -> list:
     try:
         index = json.loads(index_path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+            raise TypeError("weight_map must map tensor names to shard file names")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SourceError(f"{index_path}: not a valid safetensors index ({e})") from None
+        raise SourceError(f"{index_path}: not a valid safetensors index ({e!r})") from None
     root = index_path.parent
     headers: dict[str, dict] = {}
     entries = []
