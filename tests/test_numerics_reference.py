@@ -119,3 +119,76 @@ def test_clip_xmax_keeps_the_fit_when_clipping_gains_less_than_one():
     row = frogwatch.analyze({"f.weight": W}, fix_fingers="clip_xmax", progress=False).iloc[0]
     assert row["num_fingers"] == 0
     assert row["alpha"] == pytest.approx(a_all, rel=1e-8)
+
+
+def _brute_columns(W: np.ndarray) -> dict:
+    ev = _brute.evals(W)
+    alpha, xmin, D = _brute.clauset_fit(ev)
+    x = ev[ev > 1e-5]
+    n_tail = int(np.count_nonzero(x >= xmin))
+    rank = int(np.linalg.matrix_rank(W))
+    pos = ev[ev > 0]
+    p = pos / ev.sum()
+    sv = np.linalg.svd(W, compute_uv=False)
+    return {
+        "num_evals": ev.size, "alpha": alpha, "xmin": xmin, "xmax": ev[-1], "D": D,
+        "sigma": (alpha - 1) / math.sqrt(n_tail), "num_pl_spikes": n_tail,
+        "lambda_max": ev[-1], "spectral_norm": ev[-1], "norm": ev.sum(),
+        "log_norm": math.log10(ev.sum()), "log_spectral_norm": math.log10(ev[-1]),
+        "alpha_weighted": alpha * math.log10(ev[-1]),
+        "log_alpha_norm": math.log10(np.sum(pos.astype(np.longdouble) ** alpha)),
+        "stable_rank": ev.sum() / ev[-1], "entropy": -(p * np.log(p)).sum() / math.log(rank),
+        "matrix_rank": rank, "rank_loss": ev.size - rank,
+        "weak_rank_loss": int(np.count_nonzero(ev < 1e-6)),
+        "sv_max": sv.max(), "sv_min": sv.min(),
+    }
+
+
+@pytest.mark.parametrize("case", ["gaussian", "heavy", "rank-deficient", "wide"])
+def test_every_metric_column_against_brute_force(case):
+    rng = np.random.default_rng(3)
+    if case == "gaussian":
+        W = rng.standard_normal((90, 40))
+    elif case == "heavy":
+        W = rng.standard_t(2.5, (120, 60)) * 0.3
+    elif case == "rank-deficient":
+        W = rng.standard_normal((80, 30)) @ np.diag([1.0] * 24 + [0.0] * 6)
+    else:
+        W = rng.standard_normal((35, 100)) * 4
+    row = frogwatch.analyze({"w.weight": torch.from_numpy(W)}, progress=False).iloc[0]
+    ref = _brute_columns(W)
+    for col, v in ref.items():
+        if col == "sv_min" and case == "rank-deficient":
+            assert row[col] == pytest.approx(0.0, abs=1e-6)
+            continue
+        assert row[col] == pytest.approx(v, rel=1e-8, abs=1e-12), col
+    assert row["status"] == "success" and row["reason"] == "" and row["num_fingers"] == 0
+    assert math.isnan(row["Lambda"])
+    expect_warning = "over-trained" if ref["alpha"] < 2 else "under-trained" if ref["alpha"] > 6 else ""
+    assert row["warning"] == expect_warning
+    if case == "rank-deficient":
+        assert row["rank_loss"] == 6 and row["weak_rank_loss"] == 6
+
+
+def test_failed_fit_keeps_norms_and_has_no_alpha_metrics():
+    W = np.zeros((40, 30))
+    W[0, 0] = 2.0  # one non-zero eigenvalue: nothing to fit
+    row = frogwatch.analyze({"w.weight": torch.from_numpy(W)}, progress=False).iloc[0]
+    assert row["status"] == "failed" and row["reason"]
+    for col in ("alpha", "alpha_weighted", "log_alpha_norm", "xmin", "D", "entropy"):
+        assert math.isnan(row[col]), col
+    assert row["norm"] == 4.0 and row["lambda_max"] == 4.0 and row["stable_rank"] == 1.0
+    assert row["log_norm"] == pytest.approx(math.log10(4.0))
+    assert row["matrix_rank"] == 1 and row["rank_loss"] == 29 and row["weak_rank_loss"] == 29
+    assert row["warning"] == ""
+    zero = frogwatch.analyze({"z.weight": torch.zeros(40, 30)}, progress=False).iloc[0]
+    assert zero["status"] == "failed" and zero["log_norm"] == -math.inf
+    assert math.isnan(zero["stable_rank"]) and math.isnan(zero["entropy"])
+
+
+@pytest.mark.parametrize("alpha, label", [(1.99, "over-trained"), (2.0, ""), (4.0, ""), (6.0, ""),
+                                          (6.01, "under-trained"), (math.nan, ""), (math.inf, "")])
+def test_quality_warning_thresholds(alpha, label):
+    from frogwatch.metrics import quality_warning
+
+    assert quality_warning(alpha) == label
