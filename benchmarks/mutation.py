@@ -82,7 +82,12 @@ def main() -> None:
     ap.add_argument("--show-survivors", action="store_true")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    rows = [run_module(m, MODULES[m], args.show_survivors, args.jobs) for m in args.modules]
+    rows = []
+    for m in args.modules:
+        rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs))
+        r = rows[-1]
+        print(f"{m}: {r['killed']}/{r['killed'] + r['survived']} killed "
+              f"({100 * r['kill_rate']:.1f} %)", flush=True)
     print("| module | mutants | killed | survived | kill rate | tests | time |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -255,7 +255,14 @@ def _safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
-    _check_header(path, header)
+    # each tensor entry needs a dtype string, a shape and ordered data offsets (as the format)
+    ints = lambda v, n=None: isinstance(v, list) and n in (None, len(v)) and all(  # noqa: E731
+        type(i) is int and i >= 0 for i in v)
+    for k, v in header.items() if isinstance(header, dict) else [("(root)", None)]:
+        if k != "__metadata__" and not (
+                isinstance(v, dict) and isinstance(v.get("dtype"), str) and ints(v.get("shape"))
+                and ints(v.get("data_offsets"), 2) and v["data_offsets"][0] <= v["data_offsets"][1]):
+            raise SourceError(f"{path}: corrupt safetensors header entry for {k!r}: {v!r}"[:300])
     data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_len > size:
         raise SourceError(
@@ -263,24 +270,6 @@ def _safetensors_header(path: Path) -> dict:
             f"file has {size}"
         )
     return header
-
-
-def _is_int_list(v: Any, length: int | None = None) -> bool:
-    return isinstance(v, list) and (length is None or len(v) == length) and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-
-
-def _check_header(path: Path, header: Any) -> None:
-    """Each tensor entry needs a dtype string, a shape and ordered data offsets (as the format)."""
-    if not isinstance(header, dict):
-        raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and _is_int_list(v.get("shape"))
-                and _is_int_list(v.get("data_offsets"), 2)
-                and v["data_offsets"][0] <= v["data_offsets"][1]):
-            raise SourceError(f"{path}: corrupt safetensors header entry for {k!r}: {v!r}"[:300])
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], Callable, Any]]:

@@ -215,15 +215,18 @@ def test_save_delta_keeps_the_old_file(tmp_path, monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_report_keeps_the_old_files(tmp_path, monkeypatch, kind):
+    # frogwatch.report is shadowed by the submodule once anything imports frogwatch.report
+    from frogwatch.report import report
+
     model = _mlp()
     out = tmp_path / "report"
-    frogwatch.report(model, out_dir=out)
+    report(model, out_dir=out)
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     with torch.no_grad():
         model[0].weight.mul_(3.0)
     break_writes(monkeypatch, kind)
     with pytest.raises(OSError):
-        frogwatch.report(model, out_dir=out)
+        report(model, out_dir=out)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     _no_temp_left(tmp_path)
