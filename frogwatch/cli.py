@@ -79,13 +79,23 @@ def main(argv: list[str] | None = None) -> int:
             args._check(args)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("FROGWATCH_TRACEBACK"):
             raise
+        _close_progress_bars()
         print(f"frogwatch {args.command}: error: {error_message(e)}", file=sys.stderr)
         return 1
+
+
+def _close_progress_bars() -> None:
+    """Clear any progress bar an exception left open, so the message gets a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -255,6 +255,14 @@ def _safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: corrupt safetensors header ({e})") from None
+    # each tensor entry needs a dtype string, a shape and ordered data offsets (as the format)
+    ints = lambda v, n=None: isinstance(v, list) and n in (None, len(v)) and all(  # noqa: E731
+        type(i) is int and i >= 0 for i in v)
+    for k, v in header.items() if isinstance(header, dict) else [("(root)", None)]:
+        if k != "__metadata__" and not (
+                isinstance(v, dict) and isinstance(v.get("dtype"), str) and ints(v.get("shape"))
+                and ints(v.get("data_offsets"), 2) and v["data_offsets"][0] <= v["data_offsets"][1]):
+            raise SourceError(f"{path}: corrupt safetensors header entry for {k!r}: {v!r}"[:300])
     data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_len > size:
         raise SourceError(
@@ -265,20 +273,12 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], Callable, Any]]:
-    from safetensors import safe_open
-
     header = _safetensors_header(path)
     keys = sorted((k for k in header if k != "__metadata__"), key=natural_key)
 
-    def loader(key: str) -> Callable[[], torch.Tensor]:
-        def load() -> torch.Tensor:
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(key)
-
-        return load
-
     return [
-        (k, tuple(header[k]["shape"]), loader(k), (str(path), tuple(header[k]["data_offsets"])))
+        (k, tuple(header[k]["shape"]), _single_tensor_loader(path, k),
+         (str(path), tuple(header[k]["data_offsets"])))
         for k in keys
     ]
 
@@ -287,8 +287,11 @@ def _sharded_entries(index_path: Path) -> list:
     try:
         index = json.loads(index_path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+            raise TypeError("weight_map must map tensor names to shard file names")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SourceError(f"{index_path}: not a valid safetensors index ({e})") from None
+        raise SourceError(f"{index_path}: not a valid safetensors index ({e!r})") from None
     root = index_path.parent
     headers: dict[str, dict] = {}
     entries = []
@@ -311,8 +314,11 @@ def _single_tensor_loader(path: Path, key: str) -> Callable[[], torch.Tensor]:
     from safetensors import safe_open
 
     def load() -> torch.Tensor:
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # the file vanished or was truncated after it was listed
+            raise SourceError(f"{path}: could not read tensor {key}: {type(e).__name__}: {e}") from None
 
     return load
 

@@ -1,0 +1,102 @@
+"""Mutation testing of the core modules with mutmut, each against its own test files.
+
+For every module below, a scratch copy of the repository is made, mutmut (``pip install
+'frogwatch[dev]'``) mutates only that module and runs only that module's tests against each
+mutant. A mutant is *killed* when a test fails. The kill rate is ``killed / (killed + survived)``;
+mutants that no test reaches count as survived.
+
+    python benchmarks/mutation.py                      # all modules, table on stdout
+    python benchmarks/mutation.py frogwatch/metrics.py # one module
+    python benchmarks/mutation.py --show-survivors     # also print each surviving mutant's diff
+
+Results and the command line that produced them are recorded in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> the test files that guard it
+MODULES: dict[str, list[str]] = {
+    "frogwatch/powerlaw_fit.py": ["tests/test_powerlaw_fit.py", "tests/test_numerics_reference.py"],
+    "frogwatch/metrics.py": ["tests/test_numerics_reference.py"],
+    "frogwatch/frog/budget.py": ["tests/test_frog_budget.py"],
+    "frogwatch/frog/scores.py": ["tests/test_frog_scores.py"],
+}
+
+
+def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="frogwatch-mutation-") as tmp:
+        work = Path(tmp)
+        shutil.copytree(ROOT / "frogwatch", work / "frogwatch",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        cfg = (ROOT / "pyproject.toml").read_text()
+        cfg += (
+            "\n[tool.mutmut]\n"
+            f"source_paths = [{json.dumps(module)}]\n"
+            'also_copy = ["frogwatch"]\n'
+            f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        )
+        (work / "pyproject.toml").write_text(cfg)
+        env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+                           cwd=work, env=env, capture_output=True, text=True)
+        secs = time.time() - t0
+        meta_path = work / "mutants" / (module + ".meta")
+        if not meta_path.exists():
+            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+            raise SystemExit(f"mutmut produced no results for {module}")
+        codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+        count = collections.Counter(codes.values())
+        killed = sum(n for c, n in count.items() if c not in (0, None, 33, 34))
+        survived = count.get(0, 0) + count.get(33, 0)  # 33: no test reached the mutant
+        if show:
+            for key, c in sorted(codes.items()):
+                if c in (0, 33):
+                    d = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=work,
+                                       env=env, capture_output=True, text=True).stdout
+                    print(f"--- survived: {key}\n{d}")
+        return {"module": module, "mutants": len(codes), "killed": killed, "survived": survived,
+                "other": len(codes) - killed - survived,
+                "kill_rate": killed / max(1, killed + survived), "seconds": round(secs),
+                "tests": " ".join(tests)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("modules", nargs="*", default=list(MODULES))
+    ap.add_argument("--show-survivors", action="store_true")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    rows = []
+    for m in args.modules:
+        rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs))
+        r = rows[-1]
+        print(f"{m}: {r['killed']}/{r['killed'] + r['survived']} killed "
+              f"({100 * r['kill_rate']:.1f} %)", flush=True)
+    print("| module | mutants | killed | survived | kill rate | tests | time |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
+              f"{100 * r['kill_rate']:.1f} % | {r['tests']} | {r['seconds']} s |")
+    k = sum(r["killed"] for r in rows)
+    s = sum(r["survived"] for r in rows)
+    print(f"\nall: {k} killed, {s} survived, kill rate {100 * k / max(1, k + s):.1f} %")
+
+
+if __name__ == "__main__":
+    main()
