@@ -37,6 +37,8 @@ _LAZY = {
     "FrogConfig": "frogwatch.frog.config",
     "MaskMismatchError": "frogwatch.frog.masks",
     "read_delta": "frogwatch.frog.io",
+    "merge_checkpoint": "frogwatch.frog.checkpoint",
+    "fully_shard_frog": "frogwatch.frog.distributed",
     "FrogwatchCallback": "frogwatch.frog.callbacks",
     "record_layer_stats": "frogwatch.frog.callbacks",
 }
