@@ -12,8 +12,9 @@ Every method runs in its own fresh subprocess, all in the same run:
 * ``frog+noise`` the same with dynamic noise (the one-byte noise codes of S are kept per matrix).
 
 Measured per method: RSS before and after ``prepare`` / ``get_peft_model`` (what the method adds
-to the process), the median wall time of a training step (AdamW, batch 1 x ``--seq`` tokens, LM
-loss, after one warm-up step) and the peak RSS during the steps (sampled every 2 ms). The model's
+to the process), the median wall and process CPU time of a training step (AdamW, batch 1 x
+``--seq`` tokens, LM loss, after one warm-up step; one torch thread by default, so CPU time is
+robust to other load on the machine) and the peak RSS during the steps (sampled every 2 ms). The model's
 own size is reported for the ratio ``prepare adds / model size``.
 
 Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--device cuda`` on a GPU
@@ -62,10 +63,13 @@ class PeakRSS:
         self.peak = max(self.peak, rss())
 
 
-def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: str) -> dict:
+def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: str,
+            threads: int) -> dict:
     import torch
     import transformers
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**{**TINYLLAMA, "num_hidden_layers": layers})
     model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
@@ -112,17 +116,20 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    cpu_times = []
     with PeakRSS() as peak:
         for _ in range(steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     step_peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak.peak
     return {"method": method, "trainable": trainable, "model_mb": model_bytes / 2**20,
             "prepare_add_mb": (after - before) / 2**20, "prepare_s": prepare_s,
-            "step_s": statistics.median(times), "step_peak_mb": step_peak / 2**20}
+            "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu_times),
+            "step_peak_mb": step_peak / 2**20}
 
 
 def main() -> None:
@@ -133,15 +140,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="lora,frog,frog+noise")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (CPU); step CPU time is then robust to a shared machine")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device)))
+        print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads)))
         return
     rows = []
     for m in a.methods.split(","):
         cmd = [sys.executable, __file__, "--one", m, "--layers", str(a.layers), "--rank", str(a.rank),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device]
+               "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device,
+               "--threads", str(a.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode:
             sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
@@ -150,14 +160,15 @@ def main() -> None:
     lora = next((r for r in rows if r["method"] == "lora"), None)
     print(f"TinyLlama-1.1B shapes, {a.layers} of 22 blocks, bf16, rank {a.rank}, "
           f"seq {a.seq}, {a.steps} timed steps, device {a.device}; model {rows[0]['model_mb']:.0f} MiB\n")
-    print("| method | trainable | prepare adds (MiB) | adds / model | prepare (s) | step (s) "
-          "| step peak (MiB) | step time / LoRA | step peak / LoRA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | trainable | prepare adds (MiB) | adds / model | prepare (s) | step wall (s) "
+          "| step CPU (s) | step peak (MiB) | step CPU / LoRA | step peak / LoRA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        rt = f"{r['step_s'] / lora['step_s']:.2f}" if lora else "-"
+        rt = f"{r['step_cpu_s'] / lora['step_cpu_s']:.2f}" if lora else "-"
         rp = f"{r['step_peak_mb'] / lora['step_peak_mb']:.3f}" if lora else "-"
         print(f"| {r['method']} | {r['trainable']:,} | {r['prepare_add_mb']:.1f} | "
               f"{r['prepare_add_mb'] / r['model_mb']:.1%} | {r['prepare_s']:.1f} | {r['step_s']:.2f} | "
+              f"{r['step_cpu_s']:.2f} | "
               f"{r['step_peak_mb']:.0f} | {rt} | {rp} |")
 
 

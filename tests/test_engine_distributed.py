@@ -94,6 +94,11 @@ def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype) -> None
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
         train(model, opt, data, target, rank)
         d = deltas(model)
+        from frogwatch.frog.io import read_delta, save_delta
+
+        path = save_delta(model, os.path.join(out_dir, f"delta{rank}.safetensors"))  # gathers
+        saved = torch.cat([t.reshape(-1) for t in read_delta(path).deltas.values()])
+        assert torch.equal(saved, d)
         frozen_ok = all(torch.equal(full(p.detach()), w0[n])
                         for n, p in model.named_parameters() if n in w0)
         if rank == 0:

@@ -35,11 +35,18 @@ def _key(name: str, suffix: str) -> str:
     return f"{name}.{suffix}" if name else suffix
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded parameter (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def save_delta(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save the FROG deltas (indices, values, trained biases, metadata) of a prepared model.
 
     The file is written to a temporary name in the same directory and renamed into place. A
-    callable ``noise_schedule`` is stored by name; ``load_delta`` then asks for it again.
+    callable ``noise_schedule`` is stored by name; ``load_delta`` then asks for it again. Under
+    FSDP2 (:func:`~frogwatch.frog.distributed.fully_shard_frog`) call it on every rank: the
+    sharded deltas are gathered first (a collective).
     """
     from safetensors.torch import save_file
 
@@ -51,9 +58,9 @@ def save_delta(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, m in frog_layers(model).items():
         layers[name] = {"kind": m._frog_kind, "shape": list(m.weight.shape), "k": m.frog_delta.numel()}
         tensors[_key(name, "frog_indices")] = m.frog_indices.detach().cpu().contiguous()
-        tensors[_key(name, "frog_delta")] = m.frog_delta.detach().cpu().contiguous()
+        tensors[_key(name, "frog_delta")] = _full(m.frog_delta.detach()).cpu().contiguous()
         if config.train_bias and m.bias is not None:
-            tensors[_key(name, "bias")] = m.bias.detach().cpu().contiguous()
+            tensors[_key(name, "bias")] = _full(m.bias.detach()).cpu().contiguous()
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "frogwatch_version": __version__,
         "layers": json.dumps(layers), "config": json.dumps(config.to_dict()),
