@@ -50,8 +50,8 @@ class FrogConfig:
         Length of the linear / cosine decay in steps (required by those schedules).
     noise_rank : int, optional
         How the noise amplitude S of each frozen layer is kept. ``None`` (default): S coded in
-        one byte per entry (log scale, per-row range; relative error <= 1 % for a dynamic range
-        of 10**4 per row). An int r: the rank-r factors ``|U_r| diag(sigma_r)`` and ``|V_r|``
+        one byte per entry (log scale over each row's range, entries below 1e-4 of the row's
+        maximum raised to it; relative error <= 1.8 %). An int r: the rank-r factors ``|U_r| diag(sigma_r)`` and ``|V_r|``
         only (``r * (out + in)`` numbers per layer); the noise then uses the rank-r partial
         sum of S, which is below S entry by entry.
     seed : int, default 0
