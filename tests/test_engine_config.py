@@ -248,3 +248,25 @@ def test_delta_file_from_another_version_fails_clearly(tmp_path):
         load_delta(nn.Sequential(nn.Linear(5, 6)), path)
     fresh = load_delta(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)), path)
     assert list(frog_layers(fresh)) == ["0"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_patch_leaves_w0_bit_identical(dtype):
+    """Without noise the layer writes W0 + delta into the k selected entries and restores them."""
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 18).to(dtype)
+    w0 = layer.weight.detach().clone()
+    version = layer.weight._version
+    mask = random_mask((18, 24), 0.3)
+    prepare(layer, {"": mask}, init_scale=0.1)
+    opt = torch.optim.AdamW([layer.frog_delta], lr=1e-2)
+    x = torch.randn(5, 24, dtype=dtype, requires_grad=True)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).float().pow(2).sum().backward()
+        opt.step()
+    assert torch.equal(layer.weight, w0) and layer.weight._version == version
+    w_eff = w0.clone()
+    w_eff[mask] += layer.frog_delta.detach().to(dtype)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, w_eff, layer.bias))  # the merged weight, exactly
