@@ -157,6 +157,13 @@ def describe(
 ) -> pd.DataFrame:
     """The layers ``analyze`` would see, with shapes and why any is skipped. No SVD, no reads.
 
+    Parameters
+    ----------
+    model : model source, ResolvedSource or Analysis
+        As for :func:`analyze`.
+    layers, min_evals, max_evals, max_N :
+        As for :func:`analyze` (checked the same way).
+
     Returns
     -------
     DataFrame
@@ -271,7 +278,8 @@ def analyze(
         Anything :func:`frogwatch.sources.layer_matrices` reads: a module, a state dict, a
         ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint
         or a Hugging Face model directory; or a source already resolved by
-        :func:`frogwatch.sources.resolve_source` (its headers are not read again).
+        :func:`frogwatch.sources.resolve_source`, or the ``df.attrs["frogwatch"]`` of an earlier
+        table (its headers are not read again).
     layers : list of int / str, or callable, optional
         Restrict to these layer ids, names, layer types (``"dense"``, ``"conv2d"``...) or full-match
         regexes of names; or a predicate on :class:`LayerMatrix`.
@@ -405,6 +413,13 @@ def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
         log_spectral_norm, stable_rank and, when present, mp_softrank; plus ``num_layers`` (the
         layers averaged), ``num_failed`` and, when present, ``overparameterized_share`` (the share
         of the averaged layers flagged ``overparameterized``).
+
+    Raises
+    ------
+    NotATableError
+        ``df`` is not an ``analyze`` table (:func:`frogwatch.handoff.check_table`).
+    TypeError
+        ``include_embeddings`` is not a bool.
     """
     check_table(df, "summary", ("layer_type", "status", "alpha"))
     include_embeddings = check_bool(include_embeddings, "include_embeddings", "summary")

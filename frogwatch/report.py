@@ -74,7 +74,10 @@ code{background:#f4f4f4;padding:0 3px}
 
 
 def model_label(model: Any) -> str:
-    """A short human-readable name for a model source."""
+    """A short human-readable name for a model source (raw, resolved, or an ``Analysis``)."""
+    carried = getattr(model, "__frogwatch_source__", None)
+    if isinstance(carried, ResolvedSource):
+        model = carried
     if isinstance(model, ResolvedSource):
         model = model.model
     if isinstance(model, (str, os.PathLike)):

@@ -25,7 +25,6 @@ Against a reference (:func:`scale_collapse_vs_reference`, used by :func:`frogwat
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from ..layers import ALPHA_LOW
 from ..rules import (
