@@ -98,9 +98,10 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
     else:
         prepare(model, masks, noise_scale=0.01 if method == "frog+noise" else 0.0)
     prepare_s = time.perf_counter() - t0
-    del masks  # this script's dense bool masks (1 byte per weight); Masks keep int32 indices only
     gc.collect()
     after = mem()
+    del masks  # this script's dense bool masks (1 byte per weight); Masks keep int32 indices only
+    gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4)
