@@ -1,9 +1,10 @@
 """FROG autograd: ``y = op(x, W0 + scatter(delta) [+ noise], b)`` without a saved dense copy.
 
-The custom function builds the effective weight transiently in forward and saves for backward
-only the layer input, ``delta``, ``W0`` and the indices (references, no dense copy). Backward
-rebuilds the effective weight for the input gradient and gathers delta's gradient at the selected
-indices. Dense layers avoid most of the weight-gradient product: a selection of <= 0.2 % of the
+The custom function saves for backward only the layer input, ``delta``, ``W0`` and the indices
+(references, no dense copy). Without noise the effective weight is never materialised: forward and
+backward write ``W0 + delta`` into the k selected entries of W0's storage around their matmul and
+restore the k original values bit for bit (:class:`patched`); with noise a dense noisy copy is
+built for the running layer. Backward gathers delta's gradient at the selected indices. Dense layers avoid most of the weight-gradient product: a selection of <= 0.2 % of the
 matrix takes k dot products (in chunks), otherwise only the block of rows x columns holding a
 selection is multiplied; Conv2d always uses ``torch.nn.grad.conv2d_weight``. Under
 ``torch.autocast`` the layer casts to the autocast dtype itself, in forward and backward alike.
