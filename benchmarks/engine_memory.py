@@ -142,7 +142,7 @@ def setup(method: str, model: nn.Module, masks: dict) -> tuple[nn.Module, list, 
     if method == "full":
         params = list(model.parameters())
     elif method.startswith("frog"):
-        from frogwatch.frog.engine import prepare
+        from frogwatch.frog.model import prepare
 
         bool_masks = {}
         for n, (shape, idx) in masks.items():
@@ -150,9 +150,9 @@ def setup(method: str, model: nn.Module, masks: dict) -> tuple[nn.Module, list, 
             b.view(-1)[idx.long()] = True
             bool_masks[n] = b
         if method == "frog-dense":
-            from frogwatch.frog import engine
+            from frogwatch.frog import ops
 
-            engine._SPARSE_GRAD_MAX_DENSITY = engine._BLOCK_GRAD_MAX_FRACTION = 0.0
+            ops._SPARSE_GRAD_MAX_DENSITY = ops._BLOCK_GRAD_MAX_FRACTION = 0.0
         prepare(model, bool_masks, noise_scale=0.01 if method == "frog+noise" else 0.0)
         params = [p for p in model.parameters() if p.requires_grad]
     elif method == "lora":
@@ -189,7 +189,7 @@ def state_bytes(model: nn.Module, params: list) -> int:
     """Trainable params + grads + AdamW exp_avg and exp_avg_sq, + FROG buffers."""
     b = sum(4 * p.numel() * p.element_size() for p in params)
     for n, buf in model.named_buffers():
-        if "frog_" in n:
+        if ".frog." in f".{n}":  # indices and noise codes, in each layer's ``frog`` child
             b += buf.numel() * buf.element_size()
     return b
 

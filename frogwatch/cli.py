@@ -23,7 +23,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("analyze", "describe", "select", "compare", "report")
+COMMANDS = ("analyze", "describe", "select", "compare", "report", "merge")
 
 
 class _Parser(argparse.ArgumentParser):

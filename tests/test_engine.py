@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from frogwatch.frog import engine as E
+from frogwatch.frog import ops as E
+from frogwatch.frog.config import FrogConfig
+from frogwatch.frog.layer import state_of
 from frogwatch.frog.engine import (
     current_step, effective_weight, frog_layers, load_delta, merge, parameter_counts, prepare,
     print_trainable_parameters, save_delta, set_step,
@@ -186,7 +188,7 @@ def test_trainable_count_is_k_and_optimizer_state_is_O_k(net, capsys):
     trainable, total = parameter_counts(net)
     assert trainable == k and total == n_base + k
     assert [n for n, p in net.named_parameters() if p.requires_grad] == [
-        f"{n}.frog_delta" for n in masks]
+        f"{n}.frog.delta" for n in masks]
     print_trainable_parameters(net)
     assert f"trainable params: {k:,d} || all params: {n_base + k:,d}" in capsys.readouterr().out
 
@@ -209,7 +211,7 @@ def test_frozen_entries_bit_identical_after_training_and_merge(net):
         net(torch.randn(8, 12)).pow(2).mean().backward()
         opt.step()
     sd, sd0 = net.state_dict(), base.state_dict()
-    assert set(sd) - set(sd0) == {f"{n}.{s}" for n in masks for s in ("frog_delta", "frog_indices")}
+    assert set(sd) - set(sd0) == {f"{n}.frog.{s}" for n in masks for s in ("delta", "indices")}
     for n, p0 in sd0.items():
         assert torch.equal(sd[n], p0), n  # W0 and biases untouched by training and noise
     deltas = {n: m.frog_delta.detach().clone() for n, m in frog_layers(net).items()}
@@ -353,8 +355,9 @@ def test_noise_schedules_decay(net, schedule):
     outs = [net(x) for _ in range(4)]  # steps 0..3
     assert not torch.allclose(outs[0], clean) and not torch.allclose(outs[1], clean)
     assert torch.equal(outs[2], clean) and torch.equal(outs[3], clean)  # decayed to 0 at step 2
-    s = E._Settings(0, 1, 1, schedule if schedule != "callable" else sched, 4, 0, False)
-    assert E._schedule_factor(s, 0) == 1.0 and E._schedule_factor(s, 1) == pytest.approx(
+    s = FrogConfig(noise_scale=1, noise_schedule=schedule if schedule != "callable" else sched,
+                   noise_steps=4)
+    assert s.schedule_factor(0) == 1.0 and s.schedule_factor(1) == pytest.approx(
         {"linear": 0.75, "cosine": 0.8535533905932737, "callable": 0.5}[schedule])
 
 
@@ -469,14 +472,13 @@ def test_save_load_delta_roundtrip(net, tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert f.get_tensor("inp.frog_indices").dtype == torch.int32
-    assert meta["frogwatch_version"] and '"noise_schedule": "linear"' in meta["settings"]
+    assert meta["frogwatch_version"] and '"noise_schedule": "linear"' in meta["config"]
 
     x = torch.randn(3, 12)
     net.eval()
     fresh = load_delta(copy.deepcopy(base), path).eval()  # base model: prepared from the file
     assert torch.equal(fresh(x), net(x))
-    assert E._state(fresh).settings == E._state(net).settings.__class__(
-        **{**E._state(net).settings.__dict__, "init_scale": 0.0})
+    assert state_of(fresh).config == state_of(net).config.replace(init_scale=0.0)
     again = prepare(copy.deepcopy(base), masks)  # already prepared with the same masks
     assert torch.equal(load_delta(again, path).eval()(x), net(x))
 

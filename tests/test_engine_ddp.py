@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from frogwatch.frog.engine import frog_layers, prepare
+from frogwatch.frog.layer import frog_layers
+from frogwatch.frog.model import prepare
 
 WORLD, STEPS, BATCH = 2, 3, 6
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from frogwatch.frog.callbacks import _compare_fn, record_layer_stats
-from frogwatch.frog.engine import effective_weight, frog_layers, merge, prepare
+from frogwatch.frog.layer import effective_weight, frog_layers
+from frogwatch.frog.model import merge, prepare
 
 HAS_ANALYZE = importlib.util.find_spec("frogwatch.analyze") is not None
 
@@ -49,7 +50,7 @@ def test_trainer_trains_only_delta(tmp_path):
     assert len(masks) == 2 * 6 + 2  # q, k, v, attn-out, ffn-in, ffn-out per layer; pooler; head
     k = sum(int(m.sum()) for m in masks.values())
     prepare(model, masks, noise_scale=0.01, seed=1)
-    base = {n: p.detach().clone() for n, p in model.named_parameters() if "frog_delta" not in n}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "frog.delta" not in n}
 
     cb = FrogwatchCallback(every_n_steps=1)
     args = transformers.TrainingArguments(
@@ -68,12 +69,12 @@ def test_trainer_trains_only_delta(tmp_path):
     opt_params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     assert sum(p.numel() for p in opt_params) == k
     for n, p in model.named_parameters():
-        if "frog_delta" in n:
+        if "frog.delta" in n:
             assert p.abs().sum() > 0, n  # every delta moved away from its zero init
         else:
             assert torch.equal(p, base[n]), n  # nothing else moved, bit for bit
     assert model.bert.encoder.layer[0].attention.self.query.__class__.__name__ == "FrogLinear"
-    from frogwatch.frog.engine import current_step
+    from frogwatch.frog.layer import current_step
     assert current_step(model) == 2  # three train-mode forwards: steps 0, 1, 2
 
     hist = cb.history

@@ -1,7 +1,7 @@
 """Methods compared by the benchmark, at equal trainable-parameter budgets.
 
 Every sparse method trains ``T_trainable = round(G · T)`` weights of the targeted matrices with the
-same engine (``frogwatch.frog.engine.prepare``: W0 frozen, a trainable delta on the selected
+same engine (``frogwatch.frog.model.prepare``: W0 frozen, a trainable delta on the selected
 entries); they differ only in *which* entries are selected:
 
 ==================  ===========================================================================
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from frogwatch.frog.budget import allocate, resolve_budget, topk_flat
-from frogwatch.frog.engine import merge, prepare
+from frogwatch.frog.model import merge, prepare
 from frogwatch.frog.scores import matrix_importance
 from frogwatch.frog.select import relevance, select
 
@@ -256,7 +256,8 @@ class Method:
             )
             _set_always_trainable(model, problem)
             trainable = sum(int(m.sum()) for m in masks.values())
-            extra = [b for n, b in model.named_buffers() if n.endswith(("frog_indices", "frog_relevance"))]
+            # FROG's buffers live in each layer's ``frog`` child: indices and the noise codes
+            extra = [b for n, b in model.named_buffers() if ".frog." in f".{n}"]
             return model, trainable, extra
         if self.family == "lora":
             from peft import LoraConfig, get_peft_model

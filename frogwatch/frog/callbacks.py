@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .engine import effective_weight, frog_layers
+from .layer import effective_weight, frog_layers
 
 __all__ = ["FrogwatchCallback", "record_layer_stats"]
 

@@ -312,6 +312,46 @@ class Masks(Mapping):
             raise ValueError(f"{path}: fingerprint mismatch; the file is corrupt")
         return masks
 
+    @classmethod
+    def from_indices(
+        cls,
+        indices: Mapping[str, torch.Tensor],
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        scores: Mapping[str, torch.Tensor] | None = None,
+        kinds: Mapping[str, str] | None = None,
+        **meta: Any,
+    ) -> "Masks":
+        """Masks from sorted flat indices alone (e.g. read back from a delta file).
+
+        Parameters
+        ----------
+        indices : Mapping[str, Tensor]
+            Name -> sorted, unique flat indices (k,) into the weight of that module.
+        shapes : Mapping[str, sequence of int]
+            Name -> weight shape; same keys, their order is the masks' order.
+        scores : Mapping[str, Tensor], optional
+            Relevance S of the selected entries; unknown scores are stored as NaN (``prepare``
+            then recomputes S when it needs it).
+        kinds : Mapping[str, str], optional
+            Name -> kind (``dense``, ``conv1d``, ``conv2d``); default ``dense``.
+        **meta
+            Stored as the masks' metadata (``strategy`` defaults to ``"from_indices"``).
+        """
+        names = list(shapes)
+        if set(indices) != set(names):
+            raise ValueError("Masks.from_indices: indices and shapes must name the same matrices")
+        infos = [
+            MaskInfo(n, (kinds or {}).get(n, "dense"), tuple(int(s) for s in shapes[n]),
+                     math.nan, math.nan, energy=math.nan, score_sum=math.nan)
+            for n in names
+        ]
+        idx = [torch.as_tensor(indices[n]) for n in names]
+        sc = [torch.as_tensor(scores[n]) if scores is not None and n in scores
+              else torch.full((i.numel(),), math.nan) for n, i in zip(names, idx)]
+        meta.setdefault("strategy", "from_indices")
+        return cls(infos, idx, sc, **meta)
+
     # ---- compatibility -------------------------------------------------------------------------
 
     def check_compatible(self, model: Any) -> None:

@@ -1,0 +1,178 @@
+"""FROG against PEFT LoRA on a TinyLlama-1.1B-shaped bf16 model, at equal trainable count.
+
+The model is built from a ``transformers.LlamaConfig`` with TinyLlama-1.1B's shapes (hidden 2048,
+MLP 5632, 32 heads / 4 KV heads, vocab 32000) and random init, in bfloat16; ``--layers`` keeps
+the first N of its 22 decoder blocks (a slice, when the full model is too slow for the machine).
+Every method runs in its own fresh subprocess, all in the same run:
+
+* ``lora``       PEFT LoRA, rank ``r`` on every projection of every block (q, k, v, o, gate, up, down);
+* ``frog``       ``frogwatch.prepare`` with ``k_i = r * (in_i + out_i)`` entries per matrix (exactly
+  LoRA's trainable count; the top-|W| entries stand in for a FROG selection: the engine's cost
+  depends on k and on how the entries spread, not on which ones they are);
+* ``frog+noise`` the same with dynamic noise (the one-byte noise codes of S are kept per matrix).
+
+Measured per method: RSS before and after ``prepare`` / ``get_peft_model`` (what the method adds
+to the process), the median wall and process CPU time of a training step (AdamW, batch 1 x
+``--seq`` tokens, LM loss, after one warm-up step; one torch thread by default, so CPU time is
+robust to other load on the machine) and the peak RSS during the steps (sampled every 2 ms). The model's
+own size is reported for the ratio ``prepare adds / model size``.
+
+Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--device cuda`` on a GPU
+(peak memory is then ``torch.cuda.max_memory_allocated``). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Max RSS sampled by a background thread while the ``with`` block runs."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss())
+
+
+def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: str,
+            threads: int) -> dict:
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**TINYLLAMA, "num_hidden_layers": layers})
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]
+    masks = {}
+    if method.startswith("frog"):
+        for n in names:
+            w = model.get_submodule(n).weight
+            k = rank * (w.shape[0] + w.shape[1])
+            flat = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+            flat[w.detach().abs().reshape(-1).topk(k).indices] = True
+            masks[n] = flat.view(w.shape).cpu()
+    from peft import LoraConfig, get_peft_model  # imported before measuring: code is not state
+
+    from frogwatch.frog.model import prepare
+
+    gc.collect()
+    mem = (lambda: torch.cuda.memory_allocated()) if device == "cuda" else rss
+    before = mem()
+    t0 = time.perf_counter()
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                 target_modules=list(TARGETS)))
+    else:
+        prepare(model, masks, noise_scale=0.01 if method == "frog+noise" else 0.0)
+    prepare_s = time.perf_counter() - t0
+    gc.collect()
+    after = mem()
+    del masks  # this script's dense bool masks (1 byte per weight); Masks keep int32 indices only
+    gc.collect()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    model.train()
+    times = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    step()  # warm-up: optimizer state allocated, kernels chosen
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    cpu_times = []
+    with PeakRSS() as peak:
+        for _ in range(steps):
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+    step_peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak.peak
+    return {"method": method, "trainable": trainable, "model_mb": model_bytes / 2**20,
+            "prepare_add_mb": (after - before) / 2**20, "prepare_s": prepare_s,
+            "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu_times),
+            "step_peak_mb": step_peak / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=22, help="decoder blocks kept (TinyLlama has 22)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank; FROG gets the same count")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--methods", default="lora,frog,frog+noise")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (CPU); step CPU time is then robust to a shared machine")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads)))
+        return
+    rows = []
+    for m in a.methods.split(","):
+        cmd = [sys.executable, __file__, "--one", m, "--layers", str(a.layers), "--rank", str(a.rank),
+               "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device,
+               "--threads", str(a.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if out.returncode:
+            sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"# {rows[-1]}", file=sys.stderr)
+    lora = next((r for r in rows if r["method"] == "lora"), None)
+    print(f"TinyLlama-1.1B shapes, {a.layers} of 22 blocks, bf16, rank {a.rank}, "
+          f"seq {a.seq}, {a.steps} timed steps, device {a.device}; model {rows[0]['model_mb']:.0f} MiB\n")
+    print("| method | trainable | prepare adds (MiB) | adds / model | prepare (s) | step wall (s) "
+          "| step CPU (s) | step peak (MiB) | step CPU / LoRA | step peak / LoRA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rt = f"{r['step_cpu_s'] / lora['step_cpu_s']:.2f}" if lora else "-"
+        rp = f"{r['step_peak_mb'] / lora['step_peak_mb']:.3f}" if lora else "-"
+        print(f"| {r['method']} | {r['trainable']:,} | {r['prepare_add_mb']:.1f} | "
+              f"{r['prepare_add_mb'] / r['model_mb']:.1%} | {r['prepare_s']:.1f} | {r['step_s']:.2f} | "
+              f"{r['step_cpu_s']:.2f} | "
+              f"{r['step_peak_mb']:.0f} | {rt} | {rp} |")
+
+
+if __name__ == "__main__":
+    main()
