@@ -194,6 +194,11 @@ def analyze(
     randomize: bool = False,
     mp_fit: bool = False,
     seed: int = 0,
+    detX: bool = False,
+    vectors: bool = False,
+    tail_tests: bool = False,
+    farms: bool = False,
+    savefig: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
 
@@ -211,8 +216,9 @@ def analyze(
         (WeightWatcher's defaults). Skipped layers are listed in ``df.attrs["skipped"]``.
     fit : {"PL", "TPL"}
         Power law or truncated power law (``Lambda`` column) for the tail.
-    fix_fingers : {None, "clip_xmax"}
-        Clip outlying top eigenvalues that inflate alpha.
+    fix_fingers : {None, "clip_xmax", "xmin_peak"}
+        Clip outlying top eigenvalues that inflate alpha (``"clip_xmax"``), or search xmin only
+        near the peak of the log-ESD (``"xmin_peak"``); both as WeightWatcher defines them.
     xmax : float, optional
         Upper cut-off of the eigenvalues used in the fit.
     pool : bool
@@ -235,6 +241,22 @@ def analyze(
         ``bulk_max``, ``bulk_min``), see :mod:`frogwatch.diagnostics.mp`.
     seed : int
         Seed of the shuffles for ``randomize`` (a layer's shuffle depends only on seed and name).
+    detX : bool
+        Add WeightWatcher's detX / ERG columns (``detX_num``, ``detX_val``, ``num_ERG_spikes``,
+        ``ERG_gap``), see :mod:`frogwatch.diagnostics.detx`.
+    vectors : bool
+        Add eigenvector-localisation columns (WeightWatcher's bulk/tail means and variances of
+        vector entropy, localisation and participation ratios, plus frogwatch's ``top_*``
+        columns), see :mod:`frogwatch.diagnostics.vectors`.
+    tail_tests : bool
+        Add likelihood-ratio tests of the power law against a lognormal and an exponential on the
+        same tail (``R_lognormal``, ``p_lognormal``, ``R_exponential``, ``p_exponential``), see
+        :mod:`frogwatch.diagnostics.tail_tests`.
+    farms : bool
+        Add ``alpha_farms``: alpha of the averaged ESD of fixed-aspect-ratio submatrices, see
+        :mod:`frogwatch.diagnostics.farms`.
+    savefig : path, optional
+        Save one ESD figure per analysed layer into this folder, see :mod:`frogwatch.esd_figures`.
 
     Returns
     -------
@@ -251,8 +273,8 @@ def analyze(
     SourceError
         The source cannot be read, or it has no analysable layer.
     """
-    if fix_fingers not in (None, "clip_xmax"):
-        raise ValueError(f"fix_fingers must be None or 'clip_xmax', got {fix_fingers!r}")
+    if fix_fingers not in (None, "clip_xmax", "xmin_peak"):
+        raise ValueError(f"fix_fingers must be None, 'clip_xmax' or 'xmin_peak', got {fix_fingers!r}")
     if str(fit).upper() not in ("PL", "TPL"):
         raise ValueError(f"fit must be 'PL' or 'TPL', got {fit!r}")
     if method not in ("gram", "svd"):
@@ -267,6 +289,26 @@ def analyze(
         from .diagnostics.mp import mp_fit_hook
 
         hooks.append(mp_fit_hook())
+    if detX:
+        from .diagnostics.detx import detx_hook
+
+        hooks.append(detx_hook())
+    if vectors:
+        from .diagnostics.vectors import vectors_hook
+
+        hooks.append(vectors_hook(device=dev))
+    if tail_tests:
+        from .diagnostics.tail_tests import tail_tests_hook
+
+        hooks.append(tail_tests_hook())
+    if farms:
+        from .diagnostics.farms import farms_hook
+
+        hooks.append(farms_hook(fit=fit, fix_fingers=fix_fingers, method=method, device=dev))
+    if savefig is not None:
+        from .esd_figures import esd_figure_hook
+
+        hooks.append(esd_figure_hook(savefig))
     mats, plan = _plan(model, layers, min_evals, max_evals, max_N)
     todo = [(i, lm) for i, lm, reason in plan if not reason]
     skipped = [(lm.name, reason) for _, lm, reason in plan if reason]

@@ -18,7 +18,13 @@ def add_parser(sub):
     p.add_argument("--out", metavar="DIR", help="write the per-layer table and summary here")
     p.add_argument("--format", choices=FORMATS, default="csv", help="table format (default csv)")
     p.add_argument("--fit", choices=("PL", "TPL"), default="PL", help="tail fit (default PL)")
-    p.add_argument("--fix-fingers", choices=("clip_xmax",), default=None)
+    p.add_argument("--fix-fingers", choices=("clip_xmax", "xmin_peak"), default=None)
+    p.add_argument("--detX", action="store_true", help="add the detX/ERG columns (WeightWatcher's)")
+    p.add_argument("--vectors", action="store_true", help="add eigenvector-localisation columns")
+    p.add_argument("--tail-tests", action="store_true",
+                   help="add power law vs lognormal/exponential likelihood-ratio columns")
+    p.add_argument("--farms", action="store_true", help="add alpha_farms (aspect-ratio-free alpha)")
+    p.add_argument("--savefig", metavar="DIR", help="save one ESD figure per layer into DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
@@ -39,7 +45,9 @@ def write_table(df: pd.DataFrame, path, fmt: str) -> None:
 
 def run(args) -> int:
     model = resolve_model(args.model)
-    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet)
+    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet,
+                 detX=args.detX, vectors=args.vectors, tail_tests=args.tail_tests, farms=args.farms,
+                 savefig=args.savefig)  # fmt: skip
     s = summary(df)
     if not args.quiet:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
