@@ -35,6 +35,10 @@ _LAZY = {
     "print_trainable_parameters": "frogwatch.frog.engine",
     "FrogwatchCallback": "frogwatch.frog.callbacks",
     "record_layer_stats": "frogwatch.frog.callbacks",
+    # WeightWatcher parity and beyond
+    "distances": "frogwatch.distances",
+    "svd_smoothing": "frogwatch.smoothing",
+    "analyze_adapters": "frogwatch.adapters",
 }
 
 __all__ = [

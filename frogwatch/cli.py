@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .sources import SourceError
 
-COMMANDS = ("analyze", "describe", "select", "compare", "report")
+COMMANDS = ("analyze", "describe", "select", "compare", "report", "distances", "smooth")
 
 
 def build_parser() -> argparse.ArgumentParser:
