@@ -199,6 +199,8 @@ def analyze(
     tail_tests: bool = False,
     farms: bool = False,
     savefig: str | os.PathLike | None = None,
+    peft: bool | str = False,
+    base: Any = None,
 ) -> pd.DataFrame:
     """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
 
@@ -257,6 +259,10 @@ def analyze(
         :mod:`frogwatch.diagnostics.farms`.
     savefig : path, optional
         Save one ESD figure per analysed layer into this folder, see :mod:`frogwatch.esd_figures`.
+    peft : {False, True, "merged"}
+        For a PEFT LoRA model or adapter directory: ``True`` analyses each adapter's ``B A`` alone
+        (from an r x r problem), ``"merged"`` each adapted layer ``W + s B A``; see
+        :mod:`frogwatch.adapters`. ``base`` gives the base model of an adapter directory.
 
     Returns
     -------
@@ -273,6 +279,13 @@ def analyze(
     SourceError
         The source cannot be read, or it has no analysable layer.
     """
+    if peft:
+        if peft not in (True, "merged"):
+            raise ValueError(f"analyze: peft must be False, True or 'merged', got {peft!r}")
+        from .adapters import analyze_adapters
+
+        return analyze_adapters(model, merged=peft == "merged", base=base, layers=layers, fit=fit,
+                                fix_fingers=fix_fingers, xmax=xmax, progress=progress)  # fmt: skip
     if fix_fingers not in (None, "clip_xmax", "xmin_peak"):
         raise ValueError(f"fix_fingers must be None, 'clip_xmax' or 'xmin_peak', got {fix_fingers!r}")
     if str(fit).upper() not in ("PL", "TPL"):

@@ -25,6 +25,9 @@ def add_parser(sub):
                    help="add power law vs lognormal/exponential likelihood-ratio columns")
     p.add_argument("--farms", action="store_true", help="add alpha_farms (aspect-ratio-free alpha)")
     p.add_argument("--savefig", metavar="DIR", help="save one ESD figure per layer into DIR")
+    p.add_argument("--peft", choices=("adapter", "merged"),
+                   help="MODEL is a LoRA adapter dir: analyse each B.A alone, or merged with --base")
+    p.add_argument("--base", metavar="PATH", help="base model of the adapter (for --peft merged)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
@@ -47,7 +50,8 @@ def run(args) -> int:
     model = resolve_model(args.model)
     df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet,
                  detX=args.detX, vectors=args.vectors, tail_tests=args.tail_tests, farms=args.farms,
-                 savefig=args.savefig)  # fmt: skip
+                 savefig=args.savefig, peft={"adapter": True}.get(args.peft, args.peft or False),
+                 base=args.base)  # fmt: skip
     s = summary(df)
     if not args.quiet:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
