@@ -13,10 +13,11 @@ import scipy.linalg
 import weightwatcher as ww
 import weightwatcher.weightwatcher as ww_module
 
-from frogwatch.analyze import _plan, analyze
+from frogwatch.analyze import analyze
 from frogwatch.diagnostics.detx import DETX_COLUMNS, detx_columns
 from frogwatch.diagnostics.vectors import VECTOR_COLUMNS
 from frogwatch.powerlaw_fit import fit_power_law
+from frogwatch.sources import layer_matrices
 
 logging.getLogger("weightwatcher").setLevel(logging.CRITICAL + 1)
 WW_VECTOR_COLUMNS = VECTOR_COLUMNS[:12]
@@ -71,9 +72,9 @@ def test_vector_columns_match_weightwatcher(minilm_session, ww_detx_vectors, fw_
     # WeightWatcher splits bulk/tail by comparing eigenvalues from scipy.linalg.eig with xmin; the
     # eigenvalue equal to xmin then falls on either side by round-off. Where its split equals the
     # fit's tail (frogwatch's definition), every column must agree to round-off.
-    _, plan = _plan(minilm_session, None, 10, 15000, 50000)
+    lms = {lm.name: lm for lm in layer_matrices(minilm_session)}
     same = []
-    for k, (_, lm, reason) in enumerate(p for p in plan if not p[2]):
+    for k, lm in enumerate(lms[n] for n in fw["name"]):
         W = lm.load().double().numpy()
         X = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
         ww_tail = int((scipy.linalg.eig(X)[0].real >= wdf["xmin"][k]).sum())

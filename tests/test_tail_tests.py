@@ -24,10 +24,10 @@ def test_tail_tests_match_powerlaw_on_minilm(minilm_df, minilm_session):
     df = analyze(minilm_session, tail_tests=True, progress=False, layers=list(range(3, 20)))
     assert set(TAIL_TEST_COLUMNS) <= set(df.columns)
     checked = 0
-    from frogwatch.analyze import _plan
+    from frogwatch.sources import layer_matrices
     from frogwatch.spectra import esd_matrices, spectrum
 
-    lms = {lm.name: lm for _, lm, _ in _plan(minilm_session, None, 10, 15000, 50000)[1]}
+    lms = {lm.name: lm for lm in layer_matrices(minilm_session)}
     for _, row in df.iterrows():
         # powerlaw's own alpha is the analytic MLE (the one frogwatch uses) only inside (1.5, 3]
         if not 1.5 < row["alpha"] <= 3:
