@@ -15,8 +15,9 @@ eigenvalues of every window's ``X = w^T w`` are pooled into one ESD, and ``alpha
 same power-law fit as ``alpha`` (same ``fit`` and ``fix_fingers``) on that pooled ESD. Columns:
 ``alpha_farms``, ``D_farms``, ``num_farms_windows``.
 
-Reading: compare ``alpha_farms`` across layers of different shapes where ``alpha`` would mix the
-quality of a layer with its shape. Its values are on a different scale from ``alpha`` (smaller
+Reading: ``alpha_farms`` is meant to compare layers of different shapes where ``alpha`` would mix
+the quality of a layer with its shape; treat it as a second opinion (benchmarks/results_farms.md:
+on random matrices this windowing did not show the shape correction). Its values are on a different scale from ``alpha`` (smaller
 windows have shorter tails), so use it for ranking and for the correlation-flow verdicts
 (``correlation_flow(df.assign(alpha=df["alpha_farms"]))``), not against the 2-6 band.
 """
