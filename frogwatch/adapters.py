@@ -14,8 +14,13 @@ core ``s R_B R_A^T`` - ``O((out + in) r^2)`` work instead of ``O(out in min(out,
 * ``analyze(model, peft="merged")``: the dense ``W + dW`` of every adapted layer, analysed exactly
   as :func:`frogwatch.analyze` would the merged model.
 
-``model`` is a PEFT model (any ``nn.Module`` holding PEFT ``LoraLayer`` modules) or an adapter
-directory saved by ``save_pretrained`` (``adapter_config.json`` and
+FROG delta files (:func:`frogwatch.save_delta`) are read the same way: ``peft=True`` analyses each
+layer's sparse update ``dW`` (the saved values scattered at the saved indices; it has no low-rank
+shortcut, so ``dW`` is formed one layer at a time), ``peft="merged"`` the fine-tuned ``W0 + dW``
+with ``base=`` the model the delta was trained from.
+
+``model`` is a PEFT model (any ``nn.Module`` holding PEFT ``LoraLayer`` modules), a FROG delta
+``.safetensors`` file, or an adapter directory saved by ``save_pretrained`` (``adapter_config.json`` and
 ``adapter_model.safetensors``/``.bin``); merging an adapter directory needs ``base=`` (any source
 :func:`frogwatch.analyze` reads, whose layer names match the adapter's). DoRA adapters are refused.
 """
@@ -37,7 +42,7 @@ from torch import nn
 
 from .sources import SourceError, natural_key
 
-__all__ = ["LoraFactor", "lora_factors", "adapter_eigenvalues", "analyze_adapters"]
+__all__ = ["LoraFactor", "lora_factors", "adapter_eigenvalues", "analyze_adapters", "frog_delta_weights"]
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -160,6 +165,44 @@ def _delta(f: LoraFactor) -> torch.Tensor:
     return d.T if f.fan_in_fan_out else d
 
 
+def _is_frog_delta(model: Any) -> bool:
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(model), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "frogwatch.delta"
+    except Exception:  # not a safetensors file
+        return False
+
+
+def frog_delta_weights(path: Any, base: Any = None) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": dW}`` (or ``W0 + dW`` with ``base``) of a FROG delta file, float64."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        layers = json.loads((f.metadata() or {})["layers"])
+        parts = {n: (f.get_tensor(f"{n}.frog_indices"), f.get_tensor(f"{n}.frog_delta")) for n in layers}
+    bl = None
+    if base is not None:
+        from .sources import layer_matrices
+
+        bl = {lm.name: lm for lm in layer_matrices(base)}
+    out = {}
+    for name, info in layers.items():
+        idx, val = parts[name]
+        if bl is not None:
+            if name not in bl or tuple(bl[name].shape) != tuple(info["shape"]):
+                raise SourceError(f"base model has no layer {name!r} of shape {tuple(info['shape'])} for the delta")
+            W = bl[name].load().to(torch.float64).clone()
+        else:
+            W = torch.zeros(info["shape"], dtype=torch.float64)
+        W.view(-1).index_add_(0, idx.long(), val.to(torch.float64))
+        out[f"{name}.weight"] = W
+    return out
+
+
 def analyze_adapters(model: Any, *, merged: bool = False, base: Any = None, **analyze_kwargs) -> pd.DataFrame:
     """Spectral diagnostics of each LoRA adapter (``merged=False``) or of each merged layer.
 
@@ -186,6 +229,11 @@ def analyze_adapters(model: Any, *, merged: bool = False, base: Any = None, **an
     from .powerlaw_fit import fit_power_law
     from .spectra import Spectrum, _rank_from_evals
 
+    kw = {k: v for k, v in analyze_kwargs.items() if k not in ("peft",)}
+    if _is_frog_delta(model):
+        if merged and base is None:
+            raise ValueError("analyze(peft='merged') on a FROG delta file needs base= (the base model)")
+        return analyze(frog_delta_weights(model, base if merged else None), **kw)
     factors = lora_factors(model)
     if merged:
         weights: dict[str, torch.Tensor] = {}
@@ -205,7 +253,6 @@ def analyze_adapters(model: Any, *, merged: bool = False, base: Any = None, **an
                 if f.name not in bl:
                     raise SourceError(f"base model has no layer {f.name!r} for the adapter")
                 weights[f"{f.name}[{f.adapter}].weight"] = bl[f.name].load().to(torch.float64) + _delta(f)
-        kw = {k: v for k, v in analyze_kwargs.items() if k not in ("peft",)}
         df = analyze(weights, **kw)
         df.insert(2, "adapter", [n[n.rindex("[") + 1 : -1] for n in df["name"]])
         df["name"] = [n[: n.rindex("[")] for n in df["name"]]

@@ -90,3 +90,27 @@ def test_adapter_eigenvalues_small_core_is_exact():
     np.testing.assert_allclose(adapter_eigenvalues(A, B, 0.5), np.sort(np.linalg.svd(D, compute_uv=False)[:4] ** 2), rtol=1e-10)
     with pytest.raises(frogwatch.SourceError):
         frogwatch.analyze(nn.Linear(3, 3), peft=True)
+
+
+def test_frog_delta_file_alone_and_merged(mlp, tmp_path):
+    import copy
+
+    from frogwatch.frog.engine import effective_weight, prepare, save_delta
+
+    base = copy.deepcopy(mlp)
+    masks = {n: torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(i)) < 0.4
+             for i, (n, m) in enumerate(mlp.named_modules()) if isinstance(m, nn.Linear)}  # fmt: skip
+    prepare(mlp, masks, init_scale=0.5, seed=3)
+    path = save_delta(mlp, tmp_path / "delta.safetensors")
+    mods = dict(mlp.named_modules())
+    dense = {f"{n}.weight": (effective_weight(mods[n]) - mods[n].weight).detach().double() for n in masks}
+    alone = frogwatch.analyze(str(path), peft=True, progress=False)
+    ref = frogwatch.analyze(dense, progress=False)
+    # the reference goes through float32 (W0 + dW) - W0, hence 1e-6
+    np.testing.assert_allclose(alone["norm"], ref["norm"], rtol=1e-6)
+    np.testing.assert_allclose(alone["alpha"], ref["alpha"], rtol=1e-5)
+    assert (alone["norm"] > 0).all()
+    merged = frogwatch.analyze(str(path), peft="merged", base=base, progress=False)
+    tuned = frogwatch.analyze(mlp, progress=False)  # reads the prepared layers' effective weights
+    np.testing.assert_allclose(merged["alpha"], tuned["alpha"], rtol=1e-6)
+    np.testing.assert_allclose(merged["log_norm"], tuned["log_norm"], rtol=1e-6)
