@@ -62,6 +62,10 @@ _LAZY = {
     "LayerHook": "frogwatch.analyze",
     "LayerSelector": "frogwatch.analyze",
     "CorrelationFlow": "frogwatch.diagnostics.flow",
+    # WeightWatcher parity and beyond
+    "distances": "frogwatch.distances",
+    "svd_smoothing": "frogwatch.smoothing",
+    "analyze_adapters": "frogwatch.adapters",
 }
 
 __all__ = [

@@ -213,6 +213,7 @@ _DEFAULTS: dict[str, Any] = {
     "layers": None, "min_evals": 10, "max_evals": 15000, "max_N": 50000, "fit": "PL",
     "fix_fingers": None, "xmax": None, "pool": True, "device": None, "progress": True,
     "method": "gram", "hooks": (), "randomize": False, "mp_fit": False, "seed": 0,
+    "detX": False, "vectors": False, "tail_tests": False, "farms": False, "savefig": None,
 }  # fmt: skip
 
 
@@ -236,10 +237,12 @@ def check_options(func: str, **options: Any) -> dict[str, Any]:
     o["layers"] = _check_layers(o["layers"], func)
     o["min_evals"], o["max_evals"], o["max_N"] = _check_limits(func, o["min_evals"], o["max_evals"], o["max_N"])
     o["fit"] = check_choice(o["fit"], "fit", func, ("PL", "TPL"), normalize=str.upper)
-    o["fix_fingers"] = check_choice(o["fix_fingers"], "fix_fingers", func, ("clip_xmax",), allow_none=True)
+    o["fix_fingers"] = check_choice(o["fix_fingers"], "fix_fingers", func, ("clip_xmax", "xmin_peak"), allow_none=True)
     o["xmax"] = check_float(o["xmax"], "xmax", func, low=0, low_open=True, allow_none=True)
-    for flag in ("pool", "progress", "randomize", "mp_fit"):
+    for flag in ("pool", "progress", "randomize", "mp_fit", "detX", "vectors", "tail_tests", "farms"):
         o[flag] = check_bool(o[flag], flag, func)
+    if o["savefig"] is not None and not isinstance(o["savefig"], (str, os.PathLike)):
+        raise fail_type(func, "savefig", "None or a folder path", o["savefig"])
     if o["device"] is not None and not isinstance(o["device"], (str, torch.device)):
         raise fail_type(func, "device", "None, a str or a torch.device", o["device"])
     o["method"] = check_choice(o["method"], "method", func, ("gram", "svd"))
@@ -269,6 +272,13 @@ def analyze(
     randomize: bool = False,
     mp_fit: bool = False,
     seed: int = 0,
+    detX: bool = False,
+    vectors: bool = False,
+    tail_tests: bool = False,
+    farms: bool = False,
+    savefig: str | os.PathLike | None = None,
+    peft: bool | str = False,
+    base: Any = None,
 ) -> pd.DataFrame:
     """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
 
@@ -288,8 +298,9 @@ def analyze(
         (WeightWatcher's defaults). Skipped layers are listed in ``df.attrs["skipped"]``.
     fit : {"PL", "TPL"}
         Power law or truncated power law (``Lambda`` column) for the tail.
-    fix_fingers : {None, "clip_xmax"}
-        Clip outlying top eigenvalues that inflate alpha.
+    fix_fingers : {None, "clip_xmax", "xmin_peak"}
+        Clip outlying top eigenvalues that inflate alpha (``"clip_xmax"``), or search xmin only
+        near the peak of the log-ESD (``"xmin_peak"``); both as WeightWatcher defines them.
     xmax : float, optional
         Upper cut-off of the eigenvalues used in the fit.
     pool : bool
@@ -312,6 +323,26 @@ def analyze(
         ``bulk_max``, ``bulk_min``), see :mod:`frogwatch.diagnostics.mp`.
     seed : int
         Seed of the shuffles for ``randomize`` (a layer's shuffle depends only on seed and name).
+    detX : bool
+        Add WeightWatcher's detX / ERG columns (``detX_num``, ``detX_val``, ``num_ERG_spikes``,
+        ``ERG_gap``), see :mod:`frogwatch.diagnostics.detx`.
+    vectors : bool
+        Add eigenvector-localisation columns (WeightWatcher's bulk/tail means and variances of
+        vector entropy, localisation and participation ratios, plus frogwatch's ``top_*``
+        columns), see :mod:`frogwatch.diagnostics.vectors`.
+    tail_tests : bool
+        Add likelihood-ratio tests of the power law against a lognormal and an exponential on the
+        same tail (``R_lognormal``, ``p_lognormal``, ``R_exponential``, ``p_exponential``), see
+        :mod:`frogwatch.diagnostics.tail_tests`.
+    farms : bool
+        Add ``alpha_farms``: alpha of the averaged ESD of fixed-aspect-ratio submatrices, see
+        :mod:`frogwatch.diagnostics.farms`.
+    savefig : path, optional
+        Save one ESD figure per analysed layer into this folder, see :mod:`frogwatch.esd_figures`.
+    peft : {False, True, "merged"}
+        For a PEFT LoRA model or adapter directory: ``True`` analyses each adapter's ``B A`` alone
+        (from an r x r problem), ``"merged"`` each adapted layer ``W + s B A``; see
+        :mod:`frogwatch.adapters`. ``base`` gives the base model of an adapter directory.
 
     Returns
     -------
@@ -333,10 +364,18 @@ def analyze(
     SourceError
         The source cannot be read, or it has no analysable layer.
     """
+    if peft:
+        if peft not in (True, "merged"):
+            raise ValueError(f"analyze: peft must be False, True or 'merged', got {peft!r}")
+        from .adapters import analyze_adapters
+
+        return analyze_adapters(model, merged=peft == "merged", base=base, layers=layers, fit=fit,
+                                fix_fingers=fix_fingers, xmax=xmax, progress=progress)  # fmt: skip
     o = check_options(
         "analyze", layers=layers, min_evals=min_evals, max_evals=max_evals, max_N=max_N, fit=fit,
         fix_fingers=fix_fingers, xmax=xmax, pool=pool, device=device, progress=progress,
         method=method, hooks=hooks, randomize=randomize, mp_fit=mp_fit, seed=seed,
+        detX=detX, vectors=vectors, tail_tests=tail_tests, farms=farms, savefig=savefig,
     )  # fmt: skip
     fit, fix_fingers, xmax, pool, method = o["fit"], o["fix_fingers"], o["xmax"], o["pool"], o["method"]
     dev = resolve_device(o["device"])
@@ -349,6 +388,26 @@ def analyze(
         from .diagnostics.mp import mp_fit_hook
 
         hooks.append(mp_fit_hook())
+    if detX:
+        from .diagnostics.detx import detx_hook
+
+        hooks.append(detx_hook())
+    if vectors:
+        from .diagnostics.vectors import vectors_hook
+
+        hooks.append(vectors_hook(device=dev))
+    if tail_tests:
+        from .diagnostics.tail_tests import tail_tests_hook
+
+        hooks.append(tail_tests_hook())
+    if farms:
+        from .diagnostics.farms import farms_hook
+
+        hooks.append(farms_hook(fit=fit, fix_fingers=fix_fingers, method=method, device=dev))
+    if savefig is not None:
+        from .esd_figures import esd_figure_hook
+
+        hooks.append(esd_figure_hook(savefig))
     source = resolve_source(model)
     mats, plan = _plan(source, o["layers"], o["min_evals"], o["max_evals"], o["max_N"])
     todo = [(i, lm) for i, lm, reason in plan if not reason]

@@ -23,7 +23,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("analyze", "describe", "select", "compare", "report", "merge")
+COMMANDS = ("analyze", "describe", "select", "compare", "report", "merge", "distances", "smooth")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PowerLawFit", "fit_power_law", "EVALS_THRESH", "SMALL_N"]
+__all__ = ["PowerLawFit", "fit_power_law", "esd_peak", "EVALS_THRESH", "SMALL_N"]
 
 EVALS_THRESH = 1e-5  # eigenvalues at or below this are dropped before the fit
 SMALL_N = 20  # below this many eigenvalues: bias-corrected alpha, tails of >= SMALL_N_MIN_TAIL
@@ -162,6 +162,54 @@ def _fit_tpl(x: np.ndarray, pl: PowerLawFit) -> PowerLawFit:
     )
 
 
+def esd_peak(x: np.ndarray, bins: int = 100) -> float:
+    """Peak of the ESD on a log scale: left edge of the fullest of ``bins`` log10 bins.
+
+    Parameters
+    ----------
+    x : (n,) float64, eigenvalues above ``EVALS_THRESH``.
+    """
+    counts, edges = np.histogram(np.log10(x), bins=bins)
+    return float(10.0 ** edges[int(np.argmax(counts))])
+
+
+def _fit_pl_peak(x: np.ndarray) -> PowerLawFit:
+    """Power-law fit with xmin searched only up to 1.5 x the peak of the log-ESD.
+
+    WeightWatcher 0.7.7's ``fix_fingers="xmin_peak"``: it passes ``powerlaw.Fit`` the xmin range
+    ``(log10(0.95 * peak), 1.5 * peak)`` (its lower end is a log10, so in practice the range is
+    every eigenvalue below ``1.5 * peak``). ``powerlaw`` takes the distinct eigenvalues in
+    ``[min, max)`` of that range, drops the largest one, and keeps the candidate of smallest KS
+    distance among those with alpha > 1; the same is done here on the vectorised scan.
+    """
+    n = x.size
+    if n < 3:
+        return PowerLawFit.failed(f"too few eigenvalues above {EVALS_THRESH:g} ({n})")
+    peak = esd_peak(x)
+    lo, hi = sorted((math.log10(0.95 * peak), 1.5 * peak))
+    in_range = np.flatnonzero((x >= lo) & (x < hi))
+    _, first = np.unique(x[in_range], return_index=True)
+    cand = in_range[first][:-1]
+    cand = cand[cand < n - 1]
+    if cand.size < 2:
+        return PowerLawFit.failed(f"xmin_peak: fewer than 2 candidate xmin below 1.5 x peak ({peak:.4g})")
+    alphas, Ds = _ks_scan(x, False)
+    ok = np.isfinite(alphas[cand]) & (alphas[cand] > 1.0)
+    if not ok.any():
+        return PowerLawFit.failed("xmin_peak: no candidate tail gives alpha > 1")
+    cand = cand[ok]
+    i = int(cand[np.argmin(Ds[cand])])
+    alpha, n_tail = float(alphas[i]), n - i
+    return PowerLawFit(
+        alpha=alpha,
+        xmin=float(x[i]),
+        xmax=float(x[-1]),
+        D=float(Ds[i]),
+        sigma=(alpha - 1.0) / math.sqrt(n_tail),
+        num_pl_spikes=int(n_tail),
+    )
+
+
 def _clip_fingers(
     x: np.ndarray, first: PowerLawFit, max_fingers: int, finger_thresh: float, min_alpha: float
 ) -> PowerLawFit:
@@ -203,9 +251,11 @@ def fit_power_law(
         Plain power law (exact vectorised Clauset scan) or truncated power law (``powerlaw``).
     xmax : float, optional
         Ignore eigenvalues above this value (an upper cut-off of the fitted range).
-    fix_fingers : {None, "clip_xmax"}
+    fix_fingers : {None, "clip_xmax", "xmin_peak"}
         ``"clip_xmax"`` clips up to ``max_fingers`` outlying top eigenvalues when doing so lowers
         alpha by more than ``finger_thresh`` (WeightWatcher's remedy for spuriously large alpha).
+        ``"xmin_peak"`` searches xmin only below 1.5 x the peak of the log-ESD (WeightWatcher's
+        other remedy: the tail starts at the bulk's peak), see :func:`esd_peak`.
 
     Returns
     -------
@@ -215,15 +265,15 @@ def fit_power_law(
     fit_u = str(fit).upper()
     if fit_u not in ("PL", "TPL", "POWER_LAW", "TRUNCATED_POWER_LAW"):
         raise ValueError(f"fit must be 'PL' or 'TPL', got {fit!r}")
-    if fix_fingers not in (None, "clip_xmax"):
-        raise ValueError(f"fix_fingers must be None or 'clip_xmax', got {fix_fingers!r}")
+    if fix_fingers not in (None, "clip_xmax", "xmin_peak"):
+        raise ValueError(f"fix_fingers must be None, 'clip_xmax' or 'xmin_peak', got {fix_fingers!r}")
     x = np.asarray(evals, dtype=np.float64).ravel()
     if not np.isfinite(x).all():
         return PowerLawFit.failed("eigenvalues contain NaN or Inf")
     x = np.sort(x[x > EVALS_THRESH])
     if xmax is not None:
         x = x[x <= float(xmax)]
-    result = _fit_pl(x)
+    result = _fit_pl_peak(x) if fix_fingers == "xmin_peak" else _fit_pl(x)
     if result.status != "success":
         return result
     if fix_fingers == "clip_xmax":

@@ -110,4 +110,4 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="fit must be"):
         fit_power_law(np.arange(1, 30.0), fit="lognormal")
     with pytest.raises(ValueError, match="fix_fingers"):
-        fit_power_law(np.arange(1, 30.0), fix_fingers="xmin_peak")
+        fit_power_law(np.arange(1, 30.0), fix_fingers="xmin_peek")  # xmin_peak is supported (issue 15)

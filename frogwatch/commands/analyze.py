@@ -21,8 +21,18 @@ def add_parser(sub):
     p.add_argument("--format", choices=FORMATS, default="csv", help="table format (default csv; parquet needs pyarrow)")
     p.add_argument("--fit", choices=("PL", "TPL"), default="PL",
                    help="tail fit: power law (default) or truncated power law")  # fmt: skip
-    p.add_argument("--fix-fingers", choices=("clip_xmax",), default=None,
-                   help="clip up to 9 outlying top eigenvalues when that lowers alpha by more than 1")  # fmt: skip
+    p.add_argument("--fix-fingers", choices=("clip_xmax", "xmin_peak"), default=None,
+                   help="clip_xmax: clip up to 9 outlying top eigenvalues when that lowers alpha by "
+                        "more than 1; xmin_peak: search xmin around the ESD's peak")  # fmt: skip
+    p.add_argument("--detX", action="store_true", help="add the detX/ERG columns (WeightWatcher's)")
+    p.add_argument("--vectors", action="store_true", help="add eigenvector-localisation columns")
+    p.add_argument("--tail-tests", action="store_true",
+                   help="add power law vs lognormal/exponential likelihood-ratio columns")
+    p.add_argument("--farms", action="store_true", help="add alpha_farms (aspect-ratio-free alpha)")
+    p.add_argument("--savefig", metavar="DIR", help="save one ESD figure per layer into DIR")
+    p.add_argument("--peft", choices=("adapter", "merged"),
+                   help="MODEL is a LoRA adapter dir: analyse each B.A alone, or merged with --base")
+    p.add_argument("--base", metavar="PATH", help="base model of the adapter (for --peft merged)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
@@ -61,7 +71,10 @@ def run(args) -> int:
     from ..analyze import analyze, summary
 
     model = resolve_model(args.model)
-    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet)
+    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet,
+                 detX=args.detX, vectors=args.vectors, tail_tests=args.tail_tests, farms=args.farms,
+                 savefig=args.savefig, peft={"adapter": True}.get(args.peft, args.peft or False),
+                 base=args.base)  # fmt: skip
     s = summary(df)
     if not args.quiet:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
