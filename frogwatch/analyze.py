@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .metrics import layer_metrics
 from .powerlaw_fit import PowerLawFit, fit_power_law
 from .sources import LayerMatrix, SourceError, layer_matrices
-from .spectra import Spectrum, esd_matrices, resolve_device, spectrum
+from .schedule import CostProgress, layer_cost, largest_first, pipeline
+from .spectra import Spectrum, all_finite, esd_matrices, resolve_device, spectrum
 
 __all__ = ["analyze", "describe", "summary", "COLUMNS", "SUMMARY_COLUMNS"]
 
@@ -106,23 +104,6 @@ def _num_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@contextlib.contextmanager
-def _layer_map(workers: int):
-    """``map`` over layers, in order: one layer per core, each with one BLAS thread.
-
-    A symmetric eigensolver on a few-hundred-wide matrix barely uses a second BLAS thread, so
-    running layers side by side keeps every core busy (REFERENCE §5; BENCHMARKS.md). NumPy's
-    LAPACK calls release the GIL, so threads suffice. With one worker, BLAS keeps its threads.
-    """
-    if workers <= 1:
-        yield map
-        return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        yield pool.map
-
-
 def describe(
     model: Any,
     *,
@@ -153,7 +134,7 @@ def describe(
 
 
 def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:
-    """Read a layer's tensor; return (None, reason) if it holds no usable numbers."""
+    """Read a layer's tensor, in its stored dtype; return (None, reason) if it holds no usable numbers."""
     try:
         W = lm.load()
     except Exception as e:  # a broken file shard, a device error...
@@ -162,9 +143,10 @@ def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:
         return None, "tensor is on the meta device (no data); load real weights first"
     if not (W.is_floating_point() or W.is_complex()):
         return None, f"unsupported dtype {W.dtype}"
-    W = W.to(torch.float64)
-    # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of a mask per entry.
-    if not torch.isfinite(W.sum()):
+    if W.is_complex():
+        W = W.to(torch.float64)
+    # Checked a block at a time: no float64 copy or per-entry mask of a large matrix.
+    if not all_finite(W):
         bad = int((~torch.isfinite(W)).sum())
         if bad:
             return None, f"weights contain {bad} NaN/Inf entries"
@@ -194,6 +176,7 @@ def analyze(
     randomize: bool = False,
     mp_fit: bool = False,
     seed: int = 0,
+    distributed: bool = False,
 ) -> pd.DataFrame:
     """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
 
@@ -218,7 +201,9 @@ def analyze(
     pool : bool
         Pool conv2d slices into one spectrum (default) or give one row per slice.
     device : str or torch.device, optional
-        Compute eigenvalues on this device (e.g. ``"cuda"``); CPU numpy by default. A missing
+        Compute the Gram matrix and eigenvalues in torch on this device (e.g. ``"cuda"``), in
+        float64, one matrix at a time while the next one is read; ``"cpu"`` runs that torch
+        path on the CPU. ``None`` (default): LAPACK on the CPU, one matrix per core. A missing
         CUDA falls back to the CPU with a warning.
     progress : bool
         Show a progress bar.
@@ -235,6 +220,10 @@ def analyze(
         ``bulk_max``, ``bulk_min``), see :mod:`frogwatch.diagnostics.mp`.
     seed : int
         Seed of the shuffles for ``randomize`` (a layer's shuffle depends only on seed and name).
+    distributed : bool
+        Share the matrices among the ranks of the initialised ``torch.distributed`` process group
+        by cost; each rank reads only its own tensors and every rank returns the whole table
+        (see :mod:`frogwatch.distributed`; ``torchrun -m frogwatch analyze`` does this).
 
     Returns
     -------
@@ -278,12 +267,14 @@ def analyze(
             f"skipped: {found}"
         )
 
-    def layer_rows(item: tuple[int, LayerMatrix]) -> list[dict]:
+    def layer_rows(item: tuple[int, LayerMatrix], loaded: tuple[torch.Tensor | None, str]) -> list[dict]:
         i, lm = item
         base = _base_row(i, lm)
-        W, why = _load_checked(lm)
+        W, why = loaded
         if W is None:
             return [_failed_row(base, why)]
+        if W.dim() != 2 or hooks or (dev is None and method == "svd"):
+            W = W.to(torch.float64)  # 2-D matrices go to the spectrum in their stored dtype
         groups = esd_matrices(lm, W, pool=pool)
         per_slice = [[m for _, m in groups]] if pool else [[m] for _, m in groups]
         suffixes = [""] if pool else [s for s, _ in groups]
@@ -299,15 +290,27 @@ def analyze(
             out.append(row)
         return out
 
-    rows: list[dict] = []
-    bar = tqdm(total=len(todo), desc="frogwatch analyze", unit="layer", disable=not progress, leave=False)
+    if distributed:
+        from .distributed import gather_rows, my_share
+
+        mine = my_share([layer_cost(lm) for _, lm in todo])
+    else:
+        mine = list(range(len(todo)))
+    costs = [layer_cost(todo[k][1]) for k in mine]
+    order = [mine[k] for k in largest_first(costs)]
+    outs: dict[int, list[dict]] = {}
+    bar = CostProgress(costs, enabled=progress)
     workers = _num_workers() if dev is None else 1
-    with _layer_map(workers) as run:
-        for layer_out in run(layer_rows, todo):
-            rows.extend(layer_out)
-            bar.set_postfix_str(layer_out[0]["name"][-40:], refresh=False)
-            bar.update()
-    bar.close()
+    try:
+        items = [todo[k] for k in order]
+        for pos, layer_out in pipeline(items, lambda it: _load_checked(it[1]), layer_rows, workers=workers):
+            outs[order[pos]] = layer_out
+            bar.update(layer_cost(items[pos][1]), layer_out[0]["name"])
+    finally:
+        bar.close()
+    if distributed:
+        outs = gather_rows(outs)
+    rows: list[dict] = [r for k in sorted(outs) for r in outs[k]]
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df.reindex(columns=COLUMNS + extra)

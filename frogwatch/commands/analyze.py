@@ -19,6 +19,8 @@ def add_parser(sub):
     p.add_argument("--format", choices=FORMATS, default="csv", help="table format (default csv)")
     p.add_argument("--fit", choices=("PL", "TPL"), default="PL", help="tail fit (default PL)")
     p.add_argument("--fix-fingers", choices=("clip_xmax",), default=None)
+    p.add_argument("--device", default=None,
+                   help="compute on this torch device, e.g. cuda (default: LAPACK on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
@@ -38,8 +40,26 @@ def write_table(df: pd.DataFrame, path, fmt: str) -> None:
 
 
 def run(args) -> int:
+    from ..distributed import init_from_env
+
+    started = init_from_env(args.device)  # under torchrun: one share of the matrices per rank
+    try:
+        return _run(args, distributed=started)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, distributed: bool) -> int:
+    from ..distributed import is_rank_zero
+
     model = resolve_model(args.model)
-    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet)
+    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, device=args.device,
+                 progress=not args.quiet and is_rank_zero(), distributed=distributed)  # fmt: skip
+    if not is_rank_zero():
+        return 0
     s = summary(df)
     if not args.quiet:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
