@@ -111,14 +111,21 @@ def describe(
     min_evals: int = 10,
     max_evals: int = 15000,
     max_N: int = 50000,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
-    """The layers ``analyze`` would see, with shapes and why any is skipped. No SVD, no reads.
+    """The layers ``analyze`` would see, with shapes, why any is skipped, and the run's cost.
+
+    No weight is read and no layer's SVD is run; the time estimate times one small eigensolver
+    once per process (:mod:`frogwatch.estimate`).
 
     Returns
     -------
     DataFrame
         One row per weight matrix: layer_id, name, layer_type, shape, M, N, Q, rf, num_evals,
-        analyzed (bool) and skip_reason.
+        analyzed (bool), skip_reason, est_seconds and est_memory_mb (for analysed matrices, on
+        ``device`` or the CPU) and fits_device (False when the matrix would not fit ``device``'s
+        memory). ``df.attrs["estimate"]``: the whole run's ``wall_seconds``, ``peak_memory_mb``
+        and ``workers``.
     """
     _, plan = _plan(model, layers, min_evals, max_evals, max_N)
     rows = []
@@ -126,11 +133,14 @@ def describe(
         row = _base_row(i, lm)
         row.update(shape=lm.shape, num_evals=lm.M * lm.rf, analyzed=not reason, skip_reason=reason)
         rows.append(row)
-    return pd.DataFrame(
+    df = pd.DataFrame(
         rows,
         columns=["layer_id", "name", "layer_type", "shape", "M", "N", "Q", "rf", "num_evals",
                  "analyzed", "skip_reason"],
     )  # fmt: skip
+    from .estimate import describe_estimate
+
+    return describe_estimate(df, [lm for _, lm, _ in plan], resolve_device(device))
 
 
 def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:

@@ -20,7 +20,17 @@ from tqdm.auto import tqdm
 
 from .sources import LayerMatrix
 
-__all__ = ["layer_cost", "largest_first", "share_by_cost", "pipeline", "CostProgress"]
+__all__ = ["num_workers", "layer_cost", "largest_first", "share_by_cost", "pipeline", "CostProgress"]
+
+
+def num_workers() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def layer_cost(lm: LayerMatrix) -> float:

@@ -120,7 +120,9 @@ def gram_dtype(W: torch.Tensor | np.ndarray) -> np.dtype:
     """Precision of the Gram matrix for ``W``: float32 for bf16/fp16 weights, else float64.
 
     The products of two bf16/fp16 numbers are exact in float32; only the accumulation rounds,
-    which moves alpha by < 0.01 (tests/test_llm_scale.py) and halves the Gram matrix's cost.
+    which moves alpha by < 0.01 (tests/test_llm_scale.py) and halves the Gram matrix's cost. The
+    round-off (~1e-7 lambda_max) hides singular values below ~3e-4 sigma_max: for those, rank and
+    sv_min need ``method="svd"``.
     """
     if isinstance(W, torch.Tensor) and W.dtype in LOW_PRECISION:
         return np.dtype(np.float32)
@@ -288,7 +290,8 @@ def _rank_from_evals(evals: np.ndarray, N: int, method: str, eps: float = EPS64)
     eigenvalues the round-off is ``~ lambda_max * eps`` (not ``sv_max * eps``), so the same rule is
     applied to eigenvalues: ``lambda > lambda_max * N * eps``. Both agree on any matrix whose
     condition number is below ``1 / sqrt(N * eps)`` (~ 1e6). A Gram matrix accumulated in
-    float32 (bf16/fp16 weights) uses float32's ``eps``.
+    float32 (bf16/fp16 weights) resolves singular values only down to ~3e-4 sigma_max; below
+    that rank and sv_min see round-off (``method="svd"`` resolves them).
     """
     if evals.size == 0:
         return 0
@@ -301,8 +304,6 @@ def spectrum(
 ) -> Spectrum:
     """Pooled spectrum of one or more same-shaped matrices (conv2d slices, or a single matrix)."""
     parts = [eigenvalues(W, method=method, device=device) for W in mats]
-    low = method == "gram" and device is None and gram_dtype(mats[0]) == np.float32
-    eps = float(np.finfo(np.float32).eps) if low else EPS64
     rows, cols = mats[0].shape
     N, M = max(rows, cols), min(rows, cols)
     evals = np.sort(np.concatenate(parts))
@@ -310,7 +311,7 @@ def spectrum(
         evals=evals,
         N=N,
         M=M,
-        rank=sum(_rank_from_evals(p, N, method, eps) for p in parts),
+        rank=sum(_rank_from_evals(p, N, method) for p in parts),
         sv_max=float(math.sqrt(max(p[-1] for p in parts))),
         sv_min=float(math.sqrt(max(p[0] for p in parts))),
     )
