@@ -12,7 +12,8 @@ Writes bf16 sharded safetensors with a Hugging Face ``model.safetensors.index.js
 - ``llama3-8b-slice``: Llama-3-8B shapes (hidden 4096, MLP 14336, 8 KV heads) for one block plus a
   tied 128256 x 4096 embedding: the per-matrix costs of an 8B model.
 
-Names and shapes come from ``LlamaForCausalLM`` built on the meta device; every matrix is drawn
+Names and shapes are ``LlamaForCausalLM``'s (checked against transformers in
+``tests/test_llm_scale.py``); every matrix is drawn
 N(0, 0.02) (the config's ``initializer_range``) straight in bf16, one tensor at a time, so building
 the 1.1B fixture needs well under 1 GB of memory. A fixture already present is kept.
 """
@@ -37,23 +38,41 @@ FIXTURES = {
                             tie_word_embeddings=True),
 }  # fmt: skip
 SHARD_BYTES = 500 * 2**20
+INIT_STD = 0.02  # LlamaConfig's initializer_range
 DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures"
 
 
-def shapes(name: str) -> tuple[dict[str, tuple[int, ...]], object]:
-    """Tensor names and shapes of the fixture's ``LlamaForCausalLM`` (tied weights listed once)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the fixture, in ``LlamaForCausalLM``'s naming (tied weights once).
 
-    cfg = LlamaConfig(**FIXTURES[name], torch_dtype="bfloat16")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    seen, out = set(), {}
-    for key, p in model.state_dict(keep_vars=True).items():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        out[key] = tuple(p.shape)
-    return out, cfg
+    Written out by hand so that the script also runs where transformers is not installed (the GPU
+    machine); ``tests``-free check: ``LlamaForCausalLM(LlamaConfig(**FIXTURES[name]))`` on the meta
+    device has exactly these state-dict entries.
+    """
+    c = FIXTURES[name]
+    h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })  # fmt: skip
+    out["model.norm.weight"] = (h,)
+    if not c["tie_word_embeddings"]:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def config_json(name: str) -> dict:
+    c = FIXTURES[name]
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "initializer_range": INIT_STD, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+            "torch_dtype": "bfloat16", **c}  # fmt: skip
 
 
 def write_fixture(name: str, root: Path, seed: int = 0) -> Path:
@@ -64,7 +83,7 @@ def write_fixture(name: str, root: Path, seed: int = 0) -> Path:
     if (d / "model.safetensors.index.json").is_file():
         return d
     d.mkdir(parents=True, exist_ok=True)
-    tensors, cfg = shapes(name)
+    tensors = shapes(name)
     g = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -72,7 +91,7 @@ def write_fixture(name: str, root: Path, seed: int = 0) -> Path:
         if len(shape) == 1:
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            t = (torch.randn(shape, generator=g) * cfg.initializer_range).to(torch.bfloat16)
+            t = (torch.randn(shape, generator=g) * INIT_STD).to(torch.bfloat16)
         nbytes = t.numel() * 2
         if size and size + nbytes > SHARD_BYTES:
             shards.append({})
@@ -86,7 +105,7 @@ def write_fixture(name: str, root: Path, seed: int = 0) -> Path:
         weight_map.update({k: fname for k in part})
         total += sum(t.numel() * 2 for t in part.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    cfg.save_pretrained(str(d))
+    (d / "config.json").write_text(json.dumps(config_json(name), indent=1))
     # the index last: its presence marks a complete fixture
     (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return d

@@ -303,3 +303,23 @@ def test_distributed_api_each_rank_reads_its_share_and_returns_the_table(tiny_ll
     reads = [json.loads((tmp_path / f"read{r}.json").read_text()) for r in range(2)]
     assert reads[0] and reads[1] and not set(reads[0]) & set(reads[1])
     assert sorted(reads[0] + reads[1]) == sorted(ref["name"])
+
+
+def test_benchmark_fixture_shapes_are_transformers_llama():
+    """benchmarks/llm_fixtures.py writes Llama checkpoints by hand (no transformers needed on the
+    GPU machine); their names and shapes are those of transformers' LlamaForCausalLM."""
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import llm_fixtures
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name, cfg in llm_fixtures.FIXTURES.items():
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+        seen, ref = set(), {}
+        for k, p in model.state_dict(keep_vars=True).items():
+            if id(p) not in seen:
+                seen.add(id(p))
+                ref[k] = tuple(p.shape)
+        assert llm_fixtures.shapes(name) == ref, name
