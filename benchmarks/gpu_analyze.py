@@ -17,8 +17,8 @@ when installed and skipped with a note when not. Steps, each timed on its own:
 6. per-matrix GPU cost of the Llama-3-8B shapes and the extrapolated 8B total.
 
 Writes ``gpu_analyze.json`` and ``gpu_analyze.md`` into ``--out`` (default ``$OUT`` or ``.``) and
-prints the markdown. ``--quick`` uses the 4-block fixture (a dry run; also runs on a CPU-only
-machine, where "cuda" falls back to the CPU with a warning).
+prints the markdown. ``--quick`` uses a tiny 2-block fixture (a dry run of the script; it also
+runs on a CPU-only machine, where "cuda" falls back to the CPU with a warning).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--fixtures", type=Path, default=Path(os.environ.get("FW_FIXTURES", "/tmp/frogwatch-fixtures")))
     ap.add_argument("--ww-timeout", type=float, default=300)
-    ap.add_argument("--quick", action="store_true", help="4-block fixture; no 8B slice")
+    ap.add_argument("--quick", action="store_true", help="a tiny 2-block fixture, no 8B slice: a dry run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -95,7 +95,7 @@ def main() -> None:
         "machine": platform.node(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if cuda else None, "load_before": os.getloadavg()[0],
     }  # fmt: skip
-    name = "tinyllama-4" if args.quick else "tinyllama"
+    name = "llama-tiny" if args.quick else "tinyllama"
     t, d = timed(lambda: llm_fixtures.write_fixture(name, args.fixtures))
     res["fixture"], res["fixture_seconds"] = name, t
     print(f"fixture {d} ready in {t:.0f} s", flush=True)

@@ -42,6 +42,9 @@ def sample():
         peak[0] = max(peak[0], proc.memory_info().rss / 2**20)
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
+def cpu():
+    t = proc.cpu_times()
+    return t.user + t.system
 mode, model, path = sys.argv[1], sys.argv[2], sys.argv[3]
 
 def build(path, model):
@@ -67,9 +70,9 @@ if mode == "frogwatch":
     import frogwatch
     target = build(path, model) if model == "gpt2" else path
     time.sleep(0.05); base = peak[0]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     df = frogwatch.analyze(target, progress=False)
-    out["seconds"] = time.perf_counter() - t
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, cpu() - c
     out["names"] = list(df["name"]); out["alpha"] = [float(a) for a in df["alpha"]]
 elif mode == "weightwatcher":
     import logging, warnings, weightwatcher as ww
@@ -81,9 +84,9 @@ elif mode == "weightwatcher":
     time.sleep(0.05); out["model_mb"] = peak[0] - base
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu()
         df = ww.WeightWatcher(model=m).analyze()
-        out["seconds"] = time.perf_counter() - t
+        out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, cpu() - c
     names = {id(mod): n for n, mod in m.named_modules()}
     out["names"] = list(df["longname"]) if "longname" in df.columns else list(df["name"])
     out["alpha"] = [float(a) for a in df["alpha"]]
@@ -102,10 +105,10 @@ else:  # floor
         A = lm.load().double().numpy()
         A = A if A.shape[0] >= A.shape[1] else A.T
         return np.linalg.eigvalsh(A.T @ A)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         list(pool.map(one, lms))
-    out["seconds"] = time.perf_counter() - t
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, cpu() - c
 time.sleep(0.05)
 out["peak_mb"] = peak[0] - base
 print(json.dumps(out))
@@ -144,8 +147,8 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, python {platform.python_version()}, "
           f"torch {torch.__version__}, numpy {numpy.__version__}")  # fmt: skip
-    print("\n| model | tool | wall s | peak RSS MB above baseline | matrices | load avg before / after |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | tool | wall s | CPU s (user+sys) | peak RSS MB above baseline | matrices | load avg before / after |")
+    print("|---|---|---|---|---|---|---|")
     for model in args.model:
         path = "-" if model == "gpt2" else str(FIXTURES / model)
         if model != "gpt2" and not (FIXTURES / model / "model.safetensors.index.json").is_file():
@@ -158,13 +161,17 @@ def main() -> None:
             r = res[mode]
             extra = f" (model {r['model_mb']:.0f} MB, load {r['load_seconds']:.1f} s)" if "model_mb" in r else ""
             n = len(r.get("names", [])) or "-"
-            print(f"| {model} | {mode} | {r['seconds']:.1f} | {r['peak_mb']:.0f}{extra} | {n} | "
+            print(f"| {model} | {mode} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_mb']:.0f}{extra} | {n} | "
                   f"{before:.1f} / {after:.1f} |", flush=True)  # fmt: skip
         fw = res["frogwatch"]
-        line = f"\n{model}: frogwatch / floor (fp64 Gram + eigvalsh per core) = {fw['seconds'] / res['floor']['seconds']:.2f}"
+        fl = res["floor"]
+        line = (f"\n{model}: frogwatch / previous floor (fp64 Gram + eigvalsh per core) = "
+                f"{fw['seconds'] / fl['seconds']:.2f} wall, {fw['cpu_seconds'] / fl['cpu_seconds']:.2f} CPU")
         if "weightwatcher" in res:
             d, n = compare(fw, res["weightwatcher"])
-            line += (f"; speed-up over WeightWatcher = {res['weightwatcher']['seconds'] / fw['seconds']:.2f}x; "
+            w = res["weightwatcher"]
+            line += (f"; speed-up over WeightWatcher = {w['seconds'] / fw['seconds']:.2f}x wall, "
+                     f"{w['cpu_seconds'] / fw['cpu_seconds']:.2f}x CPU; "
                      f"max |delta alpha| = {d:.2e} over {n} matrices")  # fmt: skip
         print(line, flush=True)
 

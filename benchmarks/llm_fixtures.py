@@ -11,6 +11,7 @@ Writes bf16 sharded safetensors with a Hugging Face ``model.safetensors.index.js
   WeightWatcher.
 - ``llama3-8b-slice``: Llama-3-8B shapes (hidden 4096, MLP 14336, 8 KV heads) for one block plus a
   tied 128256 x 4096 embedding: the per-matrix costs of an 8B model.
+- ``llama-tiny``: 2 small blocks, for dry runs of the benchmark scripts.
 
 Names and shapes are ``LlamaForCausalLM``'s (checked against transformers in
 ``tests/test_llm_scale.py``); every matrix is drawn
@@ -33,6 +34,9 @@ FIXTURES = {
     "tinyllama-4": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                         tie_word_embeddings=False),
+    "llama-tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, vocab_size=1000,
+                       tie_word_embeddings=False),
     "llama3-8b-slice": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                             tie_word_embeddings=True),
@@ -114,7 +118,8 @@ def write_fixture(name: str, root: Path, seed: int = 0) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--which", nargs="+", choices=sorted(FIXTURES), default=sorted(FIXTURES))
+    ap.add_argument("--which", nargs="+", choices=sorted(FIXTURES),
+                    default=["tinyllama", "tinyllama-4", "llama3-8b-slice"])
     args = ap.parse_args()
     for name in args.which:
         d = write_fixture(name, args.out)

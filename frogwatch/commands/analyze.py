@@ -65,8 +65,9 @@ def _run(args, distributed: bool) -> int:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
                                "display.float_format", "{:.3f}".format):  # fmt: skip
             print(df[TABLE_COLUMNS].to_string(index=False))
-        for name, reason in df.attrs.get("skipped", []):
-            print(f"skipped {name}: {reason}")
+    for name, reason in df.attrs.get("skipped", []):  # also with --quiet: skips stay visible
+        print(f"skipped {name}: {reason}")
+    if not args.quiet:
         print()
     print("summary (mean over analysed non-embedding layers; alpha_weighted = alpha-hat):")
     print(s.to_string(float_format="{:.4f}".format))
