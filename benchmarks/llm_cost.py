@@ -31,28 +31,33 @@ LLAMA3_8B_COUNTS = {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 32, "gat
                     "up_proj": 32, "down_proj": 32, "embed_tokens": 2}  # embedding + untied head  # fmt: skip
 
 
-def time_matrix(lm, device: str | None, repeats: int) -> tuple[float, float | None]:
-    """(frogwatch seconds, previous-floor seconds or None) for one matrix, median of repeats."""
+def time_matrix(lm, device: str | None, repeats: int, floor_too: bool = True) -> tuple[float, float | None]:
+    """(frogwatch seconds, previous-floor seconds or None) for one matrix, median of repeats.
+
+    On the CPU these are process CPU seconds (one BLAS and one torch thread, so CPU time is the
+    work and a busy machine inflates it much less than wall time); on a device, wall seconds.
+    """
     from frogwatch.analyze import _load_checked
     from frogwatch.powerlaw_fit import fit_power_law
     from frogwatch.spectra import resolve_device, spectrum
 
     dev = resolve_device(device)
     sync = torch.cuda.synchronize if dev is not None and dev.type == "cuda" else (lambda: None)
+    clock = time.process_time if dev is None else time.perf_counter
     fw, floor = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         W, _ = _load_checked(lm)
         spec = spectrum([W], device=dev)
         fit_power_law(spec.evals)
         sync()
-        fw.append(time.perf_counter() - t)
-        if dev is None:
-            t = time.perf_counter()
+        fw.append(clock() - t)
+        if dev is None and floor_too:
+            t = clock()
             A = lm.load().double().numpy()
             A = A if A.shape[0] >= A.shape[1] else A.T
             np.linalg.eigvalsh(A.T @ A)
-            floor.append(time.perf_counter() - t)
+            floor.append(clock() - t)
             del A
     return statistics.median(fw), (statistics.median(floor) if floor else None)
 
@@ -62,6 +67,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--path", type=Path, default=SLICE)
+    ap.add_argument("--skip", nargs="*", default=[], help="matrix names to leave out, e.g. embed_tokens")
+    ap.add_argument("--no-floor", action="store_true", help="do not time the previous floor")
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -76,12 +83,16 @@ def main() -> None:
         lms.setdefault(key, lm)
     print(f"{cores} cores, torch {torch.__version__}, numpy {np.__version__}, device {args.device or 'cpu (LAPACK)'}; "
           f"load average before: {os.getloadavg()[0]:.1f}\n")  # fmt: skip
-    print("| matrix | shape | frogwatch s | previous floor s (fp64 Gram + eigvalsh) | count in Llama-3-8B |")
+    torch.set_num_threads(1)
+    unit = "CPU s" if args.device is None else "s"
+    print(f"| matrix | shape | frogwatch {unit} | previous floor {unit} (fp64 Gram + eigvalsh) | count in Llama-3-8B |")
     print("|---|---|---|---|---|")
     total = total_floor = 0.0
     limit = threadpool_limits(1, user_api="blas") if args.device is None else None
     for key, lm in sorted(lms.items(), key=lambda kv: kv[1].size):
-        t, f = time_matrix(lm, args.device, args.repeats)
+        if key in args.skip:
+            continue
+        t, f = time_matrix(lm, args.device, args.repeats, floor_too=not args.no_floor)
         n = LLAMA3_8B_COUNTS.get(key, 0)
         fs = f"{f:.2f}" if f is not None else "-"
         print(f"| {key} | {lm.shape[0]} x {lm.shape[1]} | {t:.2f} | {fs} | {n} |", flush=True)
