@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from ._validation import (
@@ -27,8 +24,9 @@ from .handoff import ATTRS_KEY, Analysis, check_table
 from .metrics import layer_metrics
 from .powerlaw_fit import PowerLawFit, fit_power_law
 from .rules import SUMMARY_COLUMNS, overparameterized, scale_collapse, summarize
+from .schedule import CostProgress, layer_cost, largest_first, pipeline
 from .sources import LayerMatrix, ResolvedSource, SourceError, resolve_source
-from .spectra import Spectrum, esd_matrices, resolve_device, spectrum
+from .spectra import Spectrum, all_finite, esd_matrices, resolve_device, spectrum
 
 __all__ = ["analyze", "describe", "summary", "COLUMNS", "SUMMARY_COLUMNS", "LayerHook", "LayerSelector"]
 
@@ -130,23 +128,6 @@ def _num_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@contextlib.contextmanager
-def _layer_map(workers: int):
-    """``map`` over layers, in order: one layer per core, each with one BLAS thread.
-
-    A symmetric eigensolver on a few-hundred-wide matrix barely uses a second BLAS thread, so
-    running layers side by side keeps every core busy (BENCHMARKS.md). NumPy's
-    LAPACK calls release the GIL, so threads suffice. With one worker, BLAS keeps its threads.
-    """
-    if workers <= 1:
-        yield map
-        return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        yield pool.map
-
-
 def describe(
     model: Any,
     *,
@@ -154,8 +135,12 @@ def describe(
     min_evals: int = 10,
     max_evals: int = 15000,
     max_N: int = 50000,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
-    """The layers ``analyze`` would see, with shapes and why any is skipped. No SVD, no reads.
+    """The layers ``analyze`` would see, with shapes, why any is skipped, and the run's cost.
+
+    No weight is read and no layer's SVD is run; the time estimate times one small eigensolver
+    once per process (:mod:`frogwatch.estimate`).
 
     Parameters
     ----------
@@ -163,30 +148,40 @@ def describe(
         As for :func:`analyze`.
     layers, min_evals, max_evals, max_N :
         As for :func:`analyze` (checked the same way).
+    device : str or torch.device, optional
+        Estimate for this device (``fits_device`` against its memory); default the CPU.
 
     Returns
     -------
     DataFrame
         One row per weight matrix: layer_id, name, layer_type, shape, M, N, Q, rf, num_evals,
-        analyzed (bool) and skip_reason.
+        analyzed (bool), skip_reason, est_seconds and est_memory_mb (for analysed matrices, on
+        ``device`` or the CPU) and fits_device (False when the matrix would not fit ``device``'s
+        memory). ``df.attrs["estimate"]``: the whole run's ``wall_seconds``, ``peak_memory_mb``
+        and ``workers``.
     """
     layers = _check_layers(layers, "describe")
     limits = _check_limits("describe", min_evals, max_evals, max_N)
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise fail_type("describe", "device", "None, a str or a torch.device", device)
     _, plan = _plan(resolve_source(model), layers, *limits)
     rows = []
     for i, lm, reason in plan:
         row = _base_row(i, lm)
         row.update(shape=lm.shape, num_evals=lm.M * lm.rf, analyzed=not reason, skip_reason=reason)
         rows.append(row)
-    return pd.DataFrame(
+    df = pd.DataFrame(
         rows,
         columns=["layer_id", "name", "layer_type", "shape", "M", "N", "Q", "rf", "num_evals",
                  "analyzed", "skip_reason"],
     )  # fmt: skip
+    from .estimate import describe_estimate
+
+    return describe_estimate(df, [lm for _, lm, _ in plan], resolve_device(device))
 
 
 def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:
-    """Read a layer's tensor; return (None, reason) if it holds no usable numbers."""
+    """Read a layer's tensor, in its stored dtype; return (None, reason) if it holds no usable numbers."""
     try:
         W = lm.load()
     except Exception as e:  # a broken file shard, a device error...
@@ -195,9 +190,10 @@ def _load_checked(lm: LayerMatrix) -> tuple[torch.Tensor | None, str]:
         return None, "tensor is on the meta device (no data); load real weights first"
     if not (W.is_floating_point() or W.is_complex()):
         return None, f"unsupported dtype {W.dtype}"
-    W = W.to(torch.float64)
-    # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of a mask per entry.
-    if not torch.isfinite(W.sum()):
+    if W.is_complex():
+        W = W.to(torch.float64)
+    # Checked a block at a time: no float64 copy or per-entry mask of a large matrix.
+    if not all_finite(W):
         bad = int((~torch.isfinite(W)).sum())
         if bad:
             return None, f"weights contain {bad} NaN/Inf entries"
@@ -279,6 +275,7 @@ def analyze(
     savefig: str | os.PathLike | None = None,
     peft: bool | str = False,
     base: Any = None,
+    distributed: bool = False,
 ) -> pd.DataFrame:
     """Per-layer spectral diagnostics of a model, one row per analysed weight matrix.
 
@@ -306,7 +303,9 @@ def analyze(
     pool : bool
         Pool conv2d slices into one spectrum (default) or give one row per slice.
     device : str or torch.device, optional
-        Compute eigenvalues on this device (e.g. ``"cuda"``); CPU numpy by default. A missing
+        Compute the Gram matrix and eigenvalues in torch on this device (e.g. ``"cuda"``), in
+        float64, one matrix at a time while the next one is read; ``"cpu"`` runs that torch
+        path on the CPU. ``None`` (default): LAPACK on the CPU, one matrix per core. A missing
         CUDA falls back to the CPU with a warning.
     progress : bool
         Show a progress bar.
@@ -343,6 +342,10 @@ def analyze(
         For a PEFT LoRA model or adapter directory: ``True`` analyses each adapter's ``B A`` alone
         (from an r x r problem), ``"merged"`` each adapted layer ``W + s B A``; see
         :mod:`frogwatch.adapters`. ``base`` gives the base model of an adapter directory.
+    distributed : bool
+        Share the matrices among the ranks of the initialised ``torch.distributed`` process group
+        by cost; each rank reads only its own tensors and every rank returns the whole table
+        (see :mod:`frogwatch.distributed`; ``torchrun -m frogwatch analyze`` does this).
 
     Returns
     -------
@@ -378,6 +381,7 @@ def analyze(
         detX=detX, vectors=vectors, tail_tests=tail_tests, farms=farms, savefig=savefig,
     )  # fmt: skip
     fit, fix_fingers, xmax, pool, method = o["fit"], o["fix_fingers"], o["xmax"], o["pool"], o["method"]
+    distributed = check_bool(distributed, "distributed", "analyze")
     dev = resolve_device(o["device"])
     hooks = list(o["hooks"])
     if o["randomize"]:
@@ -420,12 +424,14 @@ def analyze(
             f"skipped: {found}"
         )
 
-    def layer_rows(item: tuple[int, LayerMatrix]) -> list[dict]:
+    def layer_rows(item: tuple[int, LayerMatrix], loaded: tuple[torch.Tensor | None, str]) -> list[dict]:
         i, lm = item
         base = _base_row(i, lm)
-        W, why = _load_checked(lm)
+        W, why = loaded
         if W is None:
             return [_failed_row(base, why)]
+        if W.dim() != 2 or hooks or (dev is None and method == "svd"):
+            W = W.to(torch.float64)  # 2-D matrices go to the spectrum in their stored dtype
         groups = esd_matrices(lm, W, pool=pool)
         per_slice = [[m for _, m in groups]] if pool else [[m] for _, m in groups]
         suffixes = [""] if pool else [s for s, _ in groups]
@@ -441,15 +447,27 @@ def analyze(
             out.append(row)
         return out
 
-    rows: list[dict] = []
-    bar = tqdm(total=len(todo), desc="frogwatch analyze", unit="layer", disable=not o["progress"], leave=False)
+    if distributed:
+        from .distributed import gather_rows, my_share
+
+        mine = my_share([layer_cost(lm) for _, lm in todo])
+    else:
+        mine = list(range(len(todo)))
+    costs = [layer_cost(todo[k][1]) for k in mine]
+    order = [mine[k] for k in largest_first(costs)]
+    outs: dict[int, list[dict]] = {}
+    bar = CostProgress(costs, enabled=o["progress"])
     workers = _num_workers() if dev is None else 1
-    with _layer_map(workers) as run:
-        for layer_out in run(layer_rows, todo):
-            rows.extend(layer_out)
-            bar.set_postfix_str(layer_out[0]["name"][-40:], refresh=False)
-            bar.update()
-    bar.close()
+    try:
+        items = [todo[k] for k in order]
+        for pos, layer_out in pipeline(items, lambda it: _load_checked(it[1]), layer_rows, workers=workers):
+            outs[order[pos]] = layer_out
+            bar.update(layer_cost(items[pos][1]), layer_out[0]["name"])
+    finally:
+        bar.close()
+    if distributed:
+        outs = gather_rows(outs)
+    rows: list[dict] = [r for k in sorted(outs) for r in outs[k]]
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df.reindex(columns=COLUMNS + extra)

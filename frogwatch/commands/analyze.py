@@ -33,6 +33,8 @@ def add_parser(sub):
     p.add_argument("--peft", choices=("adapter", "merged"),
                    help="MODEL is a LoRA adapter dir: analyse each B.A alone, or merged with --base")
     p.add_argument("--base", metavar="PATH", help="base model of the adapter (for --peft merged)")
+    p.add_argument("--device", default=None,
+                   help="compute on this torch device, e.g. cuda (default: LAPACK on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
@@ -68,20 +70,38 @@ def format_summary(s: pd.Series) -> str:
 
 
 def run(args) -> int:
+    from ..distributed import init_from_env
+
+    started = init_from_env(args.device)  # under torchrun: one share of the matrices per rank
+    try:
+        return _run(args, distributed=started)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, distributed: bool) -> int:
     from ..analyze import analyze, summary
+    from ..distributed import is_rank_zero
 
     model = resolve_model(args.model)
-    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, progress=not args.quiet,
+    df = analyze(model, fit=args.fit, fix_fingers=args.fix_fingers, device=args.device,
+                 progress=not args.quiet and is_rank_zero(), distributed=distributed,
                  detX=args.detX, vectors=args.vectors, tail_tests=args.tail_tests, farms=args.farms,
                  savefig=args.savefig, peft={"adapter": True}.get(args.peft, args.peft or False),
                  base=args.base)  # fmt: skip
+    if not is_rank_zero():
+        return 0
     s = summary(df)
     if not args.quiet:
         with pd.option_context("display.width", 160, "display.max_rows", 500,
                                "display.float_format", float_formatter(3)):  # fmt: skip
             print(df[TABLE_COLUMNS].to_string(index=False))
-        for name, reason in df.attrs.get("skipped", []):
-            print(f"skipped {name}: {reason}")
+    for name, reason in df.attrs.get("skipped", []):  # also with --quiet: skips stay visible
+        print(f"skipped {name}: {reason}")
+    if not args.quiet:
         print()
     if args.fit == "TPL":
         print("fit TPL: alpha is the exponent of x^-alpha exp(-Lambda x); the 2-6 reading and the "
