@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from frogwatch.frog import relevance, resolve_targets, select
+from frogwatch.frog import relevance, resolve_targets
+from frogwatch.frog import select as select_default
+
+
+def select(*args, **kwargs):
+    """The selection these brute-force tests check: FROG relevance unless a score is named."""
+    kwargs.setdefault("score", "relevance")
+    return select_default(*args, **kwargs)
 from frogwatch.frog.budget import topk_flat
 
 
@@ -467,3 +474,11 @@ def test_global_random_share_spreads_random_entries_by_size():
     from frogwatch.frog.budget import allocate
 
     assert list(m.counts().values()) == allocate(sizes.astype(float), sizes, m.n_selected).tolist()
+
+
+def test_default_score_is_balanced_per_matrix_and_relevance_global():
+    model = mlp(seed=5)
+    assert select_default(model, 0.2, progress=False) == select(model, 0.2, score="balanced")
+    assert select_default(model, 0.2, progress=False).meta["score"] == "balanced"
+    g = select_default(model, 0.2, strategy="global", progress=False)
+    assert g == select(model, 0.2, strategy="global", score="relevance") and g.meta["score"] == "relevance"

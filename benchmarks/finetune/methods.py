@@ -163,6 +163,7 @@ def frog_masks(problem: Problem, budget: float, seed: int, *, strategy: str = "p
         problem.model,
         float(budget),
         strategy=strategy,
+        score="relevance",
         targets=_exact(problem.targets),
         blend=blend,
         alpha=_alpha(problem) if blend > 0 else None,

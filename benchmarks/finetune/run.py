@@ -53,7 +53,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pandas as pd  # noqa: E402
 
 TASK_GROUPS = {"digits": ["digits"], "planted": ["planted_sparse", "planted_lowrank"], "minilm": ["minilm"],
-               "pydoc": ["pydoc"]}
+               "pydoc": ["pydoc"], "planted_sparse": ["planted_sparse"], "planted_lowrank": ["planted_lowrank"]}
 TEXT_TASKS = ("minilm", "pydoc")
 
 #: Methods on the cheap tasks (digits, planted): everything.
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pydoc-seeds", default=None, help="seeds of the docstring task (default 0,1,2,3,4; quick 0,1)")
     ap.add_argument("--pydoc-budgets", default=None, help="docstring-task budgets for every method (default: PYDOC_PLAN)")
     ap.add_argument("--pydoc-methods", default=None, help="docstring-task methods (default: PYDOC_PLAN)")
+    ap.add_argument("--pydoc-steps", type=int, default=None, help="training steps of the docstring task (default 300)")
     ap.add_argument("--lr-grid", action="append", default=None, metavar="FAMILY=LR,LR,...",
                     help="replace a method family's lr grid (sparse, lora, full, head) in every task; repeatable")
     ap.add_argument("--out", default=None, help="output directory")
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4")
     args.budgets = args.budgets or ("0.01,0.05" if args.quick else "0.001,0.005,0.01,0.05")
     args.minilm_seeds = args.minilm_seeds or ("0,1" if args.quick else "0,1,2")
+    if args.pydoc_steps:
+        os.environ["FROGWATCH_PYDOC_STEPS"] = str(args.pydoc_steps)  # inherited by the spawned workers
     args.pydoc_seeds = args.pydoc_seeds or ("0,1" if args.quick else "0,1,2,3,4")
     out = Path(args.out) if args.out else HERE / ("results-quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)

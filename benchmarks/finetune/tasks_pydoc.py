@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import random
 import re
 import sysconfig
@@ -50,7 +51,7 @@ MIN_WORDS = 6
 MAX_TOKENS = 32
 N_VAL, N_TEST = 135, 270
 BATCH = 8
-STEPS = 300
+STEPS = int(os.environ.get("FROGWATCH_PYDOC_STEPS", "300"))  # run.py --pydoc-steps sets it
 
 
 def _docstrings(path: Path) -> list[str]:

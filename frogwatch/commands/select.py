@@ -45,8 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--budget", type=parse_budget, default=0.01, help="1%%, 0.01 or a count (default 1%%)")
     p.add_argument("--strategy", choices=STRATEGIES, default="per_matrix")
-    p.add_argument("--score", choices=SCORES, default="relevance",
-                   help="which entries of a matrix to pick (default: FROG relevance; see README 'Does FROG help?')")
+    p.add_argument("--score", choices=SCORES, default=None,
+                   help="which entries of a matrix to pick (default: balanced for per_matrix, relevance for global; "
+                        "see README 'Does FROG help?')")
     p.add_argument("--random-share", type=float, default=0.0, metavar="RHO",
                    help="share of each matrix's count drawn at random, the rest by --score (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random and --random-share (default 0)")
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         min_per_matrix=args.min_per_matrix,
     )
-    if args.strategy == "global" and args.score == "balanced":
+    if args.strategy == "global" and args.score == "balanced":  # before any reading
         raise ValueError("--score balanced needs --strategy per_matrix")
     masks = select(model, args.budget, strategy=args.strategy, **kwargs)
     print(_format_summary(masks))
@@ -143,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
             other_strategy = "global" if args.strategy == "per_matrix" else "per_matrix"
             df = masks.summary()
             kwargs["alpha"] = dict(zip(df["name"], df["alpha"]))  # reuse α: analyze runs once
-            if kwargs["score"] == "balanced":  # per-matrix only; global ranks plain relevance
-                kwargs["score"] = "relevance"
+            if kwargs["score"] == "balanced":
+                kwargs["score"] = None  # each strategy's default
             other = select(model, args.budget, strategy=other_strategy, **kwargs)
             pm, gl = (masks, other) if args.strategy == "per_matrix" else (other, masks)
             _save_figure(plot_strategy_comparison(pm, gl, by="block"), args.compare_plot)

@@ -155,7 +155,7 @@ def select(
     method: str = "exact",
     rank: int | None = None,
     progress: bool = True,
-    score: str = "relevance",
+    score: str | None = None,
     random_share: float = 0.0,
     seed: int = 0,
     min_per_matrix: int = 0,
@@ -192,8 +192,9 @@ def select(
         Rank of a truncated / randomized S.
     progress : bool
         Show a tqdm progress bar.
-    score : {"relevance", "balanced", "normalized", "bulk", "magnitude", "random"}
-        Which entries of a matrix are picked (:mod:`frogwatch.frog.scorers`): FROG's relevance S,
+    score : {"balanced", "relevance", "normalized", "bulk", "magnitude", "random"}, optional
+        Default ``None``: ``"balanced"`` with ``per_matrix``, ``"relevance"`` with ``global`` (the
+        benchmark's choice, README "Does FROG help?"). Which entries of a matrix are picked (:mod:`frogwatch.frog.scorers`): FROG's relevance S,
         row- and column-balanced top-S, S divided by its row and column means, S of the
         Marchenko–Pastur bulk (spikes removed), ``|W|``, or a seeded random mask. ``balanced``
         needs ``strategy="per_matrix"``. ``Masks.scores`` then holds this score of the selected
@@ -215,6 +216,8 @@ def select(
     """
     _check_choice(strategy, STRATEGIES, "strategy")
     _check_choice(method, METHODS, "method")
+    if score is None:
+        score = "balanced" if strategy == "per_matrix" else "relevance"
     score = check_choice(score, "score", "select", SCORES)
     rho = check_float(random_share, "random_share", "select", low=0.0, high=1.0)
     seed = check_int(seed, "seed", "select")
