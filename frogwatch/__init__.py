@@ -3,6 +3,11 @@
 Diagnose: :func:`analyze` (one row per layer), :func:`summary`, :func:`describe`.
 Select and fine-tune (FROG): :func:`relevance`, :func:`select`, :class:`Masks`, :func:`prepare`,
 :func:`merge`.
+
+Types: a hook ``hook(layer, matrices, spectrum, fit) -> dict`` (:data:`LayerHook`) receives a
+:class:`LayerMatrix`, a list of tensors, a :class:`Spectrum` and a :class:`PowerLawFit`; ``layers=``
+takes a :data:`LayerSelector`. What travels with analyze's table is an :class:`Analysis`
+(``df.attrs["frogwatch"]``); :func:`resolve_source` reads a model source once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .sources import SourceError, layer_matrices, load_default_model
 # Public names that live in heavier modules, imported on first use.
 _LAZY = {
     "correlation_flow": "frogwatch.diagnostics.flow",
-    "compare": "frogwatch.diagnostics.compare",
+    "compare": "frogwatch.comparison",
     "compare_summary": "frogwatch.diagnostics.compare",
     "layer_spectrum": "frogwatch.diagnostics.traps",
     "report": "frogwatch.report",
@@ -35,12 +40,33 @@ _LAZY = {
     "print_trainable_parameters": "frogwatch.frog.engine",
     "FrogwatchCallback": "frogwatch.frog.callbacks",
     "record_layer_stats": "frogwatch.frog.callbacks",
+    # layout: the vocabulary, the hand-off after analyze, the types a hook receives
+    "layer_role": "frogwatch.layers",
+    "block_of": "frogwatch.layers",
+    "ALPHA_LOW": "frogwatch.layers",
+    "ALPHA_HIGH": "frogwatch.layers",
+    "Analysis": "frogwatch.handoff",
+    "NotATableError": "frogwatch.handoff",
+    "check_table": "frogwatch.handoff",
+    "LayerMatrix": "frogwatch.sources",
+    "ResolvedSource": "frogwatch.sources",
+    "resolve_source": "frogwatch.sources",
+    "Spectrum": "frogwatch.spectra",
+    "PowerLawFit": "frogwatch.powerlaw_fit",
+    "LayerHook": "frogwatch.analyze",
+    "LayerSelector": "frogwatch.analyze",
+    "CorrelationFlow": "frogwatch.diagnostics.flow",
 }
 
 __all__ = [
     "analyze", "describe", "summary", "layer_matrices", "load_default_model", "SourceError",
     *_LAZY,
 ]  # fmt: skip
+
+
+def __dir__() -> list[str]:
+    # The public names only (lazy ones included), not the submodules and helpers in globals().
+    return sorted({*__all__, "__version__"})
 
 
 def __getattr__(name: str):

@@ -13,12 +13,24 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import __version__
+from ._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_float,
+    check_int,
+    fail_type,
+    fail_value,
+)
+from .handoff import ATTRS_KEY, Analysis, check_table
 from .metrics import layer_metrics
 from .powerlaw_fit import PowerLawFit, fit_power_law
-from .sources import LayerMatrix, SourceError, layer_matrices
+from .rules import SUMMARY_COLUMNS, overparameterized, scale_collapse, summarize
+from .sources import LayerMatrix, ResolvedSource, SourceError, resolve_source
 from .spectra import Spectrum, esd_matrices, resolve_device, spectrum
 
-__all__ = ["analyze", "describe", "summary", "COLUMNS", "SUMMARY_COLUMNS"]
+__all__ = ["analyze", "describe", "summary", "COLUMNS", "SUMMARY_COLUMNS", "LayerHook", "LayerSelector"]
 
 COLUMNS = [
     "layer_id", "name", "layer_type", "M", "N", "Q", "rf", "num_evals",
@@ -27,12 +39,6 @@ COLUMNS = [
     "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy",
     "matrix_rank", "rank_loss", "weak_rank_loss", "sv_max", "sv_min",
     "status", "warning", "reason", "Lambda", "num_fingers",
-]  # fmt: skip
-
-# Model-wide means (WeightWatcher's get_summary); alpha_weighted is the model's alpha-hat.
-SUMMARY_COLUMNS = [
-    "alpha_weighted", "alpha", "log_norm", "log_alpha_norm", "log_spectral_norm",
-    "stable_rank", "mp_softrank",
 ]  # fmt: skip
 
 LayerSelector = Sequence[int | str] | Callable[[LayerMatrix], bool] | None
@@ -61,36 +67,54 @@ def _selected(layers: LayerSelector, i: int, lm: LayerMatrix) -> bool:
             if sel == i:
                 return True
         elif isinstance(sel, str):
-            if sel == lm.name or sel == lm.kind or re.fullmatch(sel, lm.name):
+            if sel == lm.name or sel == lm.layer_type or re.fullmatch(sel, lm.name):
                 return True
-        else:
-            raise TypeError(f"layers entries must be ints, names or regexes; got {sel!r}")
     return False
 
 
-def _plan(model: Any, layers: LayerSelector, min_evals: int, max_evals: int, max_N: int):
+def _check_layers(layers: Any, func: str) -> LayerSelector:
+    expected = "None, a predicate, or a list of layer ids, names and regexes"
+    if layers is None or callable(layers):
+        return layers
+    if isinstance(layers, (str, int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, Iterable):
+        raise fail_type(func, "layers", expected, layers)
+    layers = list(layers)
+    for sel in layers:
+        if isinstance(sel, bool) or not isinstance(sel, (int, np.integer, str)):
+            raise fail_type(func, "layers", expected, sel)
+        if isinstance(sel, str):
+            try:
+                re.compile(sel)
+            except re.error:
+                raise fail_value(func, "layers", "names or valid regexes", sel) from None
+    return layers
+
+
+def _check_limits(func: str, min_evals: Any, max_evals: Any, max_N: Any) -> tuple[int, int, int]:
+    return (
+        check_int(min_evals, "min_evals", func, low=1),
+        check_int(max_evals, "max_evals", func, low=1),
+        check_int(max_N, "max_N", func, low=1),
+    )
+
+
+def _plan(source: ResolvedSource, layers: LayerSelector, min_evals: int, max_evals: int, max_N: int):
     """The layer list with, for each, its layer_id and the reason it is skipped ('' = analysed)."""
-    if layers is not None and not callable(layers):
-        if isinstance(layers, (str, int)):
-            layers = [layers]
-        layers = list(layers)
-    for name, v in (("min_evals", min_evals), ("max_evals", max_evals), ("max_N", max_N)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    mats = layer_matrices(model)
     plan = []
-    for i, lm in enumerate(mats):
+    for i, lm in enumerate(source.matrices):
         if not _selected(layers, i, lm):
             continue
         plan.append((i, lm, _skip_reason(lm, min_evals, max_evals, max_N)))
-    return mats, plan
+    return source.matrices, plan
 
 
 def _base_row(i: int, lm: LayerMatrix) -> dict:
     return {
         "layer_id": i,
         "name": lm.name,
-        "layer_type": lm.kind,
+        "layer_type": lm.layer_type,
         "M": lm.M,
         "N": lm.N,
         "Q": lm.N / lm.M if lm.M else np.nan,
@@ -111,7 +135,7 @@ def _layer_map(workers: int):
     """``map`` over layers, in order: one layer per core, each with one BLAS thread.
 
     A symmetric eigensolver on a few-hundred-wide matrix barely uses a second BLAS thread, so
-    running layers side by side keeps every core busy (REFERENCE §5; BENCHMARKS.md). NumPy's
+    running layers side by side keeps every core busy (BENCHMARKS.md). NumPy's
     LAPACK calls release the GIL, so threads suffice. With one worker, BLAS keeps its threads.
     """
     if workers <= 1:
@@ -133,13 +157,22 @@ def describe(
 ) -> pd.DataFrame:
     """The layers ``analyze`` would see, with shapes and why any is skipped. No SVD, no reads.
 
+    Parameters
+    ----------
+    model : model source, ResolvedSource or Analysis
+        As for :func:`analyze`.
+    layers, min_evals, max_evals, max_N :
+        As for :func:`analyze` (checked the same way).
+
     Returns
     -------
     DataFrame
         One row per weight matrix: layer_id, name, layer_type, shape, M, N, Q, rf, num_evals,
         analyzed (bool) and skip_reason.
     """
-    _, plan = _plan(model, layers, min_evals, max_evals, max_N)
+    layers = _check_layers(layers, "describe")
+    limits = _check_limits("describe", min_evals, max_evals, max_N)
+    _, plan = _plan(resolve_source(model), layers, *limits)
     rows = []
     for i, lm, reason in plan:
         row = _base_row(i, lm)
@@ -176,6 +209,48 @@ def _failed_row(row: dict, reason: str) -> dict:
     return {**row, "alpha": np.nan, "status": "failed", "reason": reason, "warning": ""}
 
 
+_DEFAULTS: dict[str, Any] = {
+    "layers": None, "min_evals": 10, "max_evals": 15000, "max_N": 50000, "fit": "PL",
+    "fix_fingers": None, "xmax": None, "pool": True, "device": None, "progress": True,
+    "method": "gram", "hooks": (), "randomize": False, "mp_fit": False, "seed": 0,
+}  # fmt: skip
+
+
+def check_options(func: str, **options: Any) -> dict[str, Any]:
+    """Validate and normalise :func:`analyze`'s keyword options (defaults filled in).
+
+    Used by ``analyze`` and by every function that forwards options to it (``compare``,
+    ``report``), so a bad option fails before any model is read.
+
+    Raises
+    ------
+    TypeError
+        An unknown option, or an option of the wrong type (``min_evals=True``, ``seed=1.5``).
+    ValueError
+        An option of the right type with a bad value (``min_evals=0``, ``fit="xx"``).
+    """
+    unknown = [k for k in options if k not in _DEFAULTS]
+    if unknown:
+        raise TypeError(f"{func}: unknown analyze option(s) {unknown}; expected some of {list(_DEFAULTS)}")
+    o = {**_DEFAULTS, **options}
+    o["layers"] = _check_layers(o["layers"], func)
+    o["min_evals"], o["max_evals"], o["max_N"] = _check_limits(func, o["min_evals"], o["max_evals"], o["max_N"])
+    o["fit"] = check_choice(o["fit"], "fit", func, ("PL", "TPL"), normalize=str.upper)
+    o["fix_fingers"] = check_choice(o["fix_fingers"], "fix_fingers", func, ("clip_xmax",), allow_none=True)
+    o["xmax"] = check_float(o["xmax"], "xmax", func, low=0, low_open=True, allow_none=True)
+    for flag in ("pool", "progress", "randomize", "mp_fit"):
+        o[flag] = check_bool(o[flag], flag, func)
+    if o["device"] is not None and not isinstance(o["device"], (str, torch.device)):
+        raise fail_type(func, "device", "None, a str or a torch.device", o["device"])
+    o["method"] = check_choice(o["method"], "method", func, ("gram", "svd"))
+    hooks = o["hooks"]
+    if callable(hooks) or not isinstance(hooks, Iterable) or isinstance(hooks, (str, bytes)):
+        raise fail_type(func, "hooks", "an iterable of callables", hooks)
+    o["hooks"] = tuple(check_callable(h, "hooks", func) for h in hooks)
+    o["seed"] = check_int(o["seed"], "seed", func, low=0)
+    return o
+
+
 def analyze(
     model: Any,
     *,
@@ -199,12 +274,14 @@ def analyze(
 
     Parameters
     ----------
-    model : nn.Module, state dict, or path
+    model : nn.Module, state dict, path or ResolvedSource
         Anything :func:`frogwatch.sources.layer_matrices` reads: a module, a state dict, a
         ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint
-        or a Hugging Face model directory.
+        or a Hugging Face model directory; or a source already resolved by
+        :func:`frogwatch.sources.resolve_source`, or the ``df.attrs["frogwatch"]`` of an earlier
+        table (its headers are not read again).
     layers : list of int / str, or callable, optional
-        Restrict to these layer ids, names, kinds (``"dense"``, ``"conv2d"``...) or full-match
+        Restrict to these layer ids, names, layer types (``"dense"``, ``"conv2d"``...) or full-match
         regexes of names; or a predicate on :class:`LayerMatrix`.
     min_evals, max_evals, max_N : int
         Skip matrices with ``M*rf < min_evals`` or ``M*rf > max_evals`` or ``N > max_N``
@@ -239,41 +316,47 @@ def analyze(
     Returns
     -------
     pandas.DataFrame
-        Columns of REFERENCE §2 with WeightWatcher's names (see ``COLUMNS``). A layer whose
+        Columns with WeightWatcher's names (see ``COLUMNS``). A layer whose
         weights or fit are unusable has ``status == "failed"``, NaN ``alpha`` and a ``reason``.
         Then the hook columns, and two booleans over the whole table: ``overparameterized``
-        (alpha > 6 with a trusted fit, :func:`frogwatch.diagnostics.flow.overparameterized`) and
-        ``scale_collapse`` (a low outlier of log_spectral_norm among layers of the same kind and
-        shape, :func:`frogwatch.diagnostics.collapse.scale_collapse`).
+        (alpha > 6 with a trusted fit, :func:`frogwatch.rules.overparameterized`) and
+        ``scale_collapse`` (a low outlier of log_spectral_norm among layers of the same role and
+        shape, :func:`frogwatch.rules.scale_collapse`). ``df.attrs["frogwatch"]`` holds the
+        :class:`frogwatch.handoff.Analysis` (options, skipped layers, the resolved source) that
+        downstream functions accept in place of the model; ``df.attrs["skipped"]`` the skipped
+        layers.
 
     Raises
     ------
+    TypeError, ValueError
+        A bad option (checked before the model is read), see :func:`check_options`.
     SourceError
         The source cannot be read, or it has no analysable layer.
     """
-    if fix_fingers not in (None, "clip_xmax"):
-        raise ValueError(f"fix_fingers must be None or 'clip_xmax', got {fix_fingers!r}")
-    if str(fit).upper() not in ("PL", "TPL"):
-        raise ValueError(f"fit must be 'PL' or 'TPL', got {fit!r}")
-    if method not in ("gram", "svd"):
-        raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
-    dev = resolve_device(device)
-    hooks = list(hooks)
-    if randomize:
+    o = check_options(
+        "analyze", layers=layers, min_evals=min_evals, max_evals=max_evals, max_N=max_N, fit=fit,
+        fix_fingers=fix_fingers, xmax=xmax, pool=pool, device=device, progress=progress,
+        method=method, hooks=hooks, randomize=randomize, mp_fit=mp_fit, seed=seed,
+    )  # fmt: skip
+    fit, fix_fingers, xmax, pool, method = o["fit"], o["fix_fingers"], o["xmax"], o["pool"], o["method"]
+    dev = resolve_device(o["device"])
+    hooks = list(o["hooks"])
+    if o["randomize"]:
         from .diagnostics.traps import randomize_hook
 
-        hooks.append(randomize_hook(seed, method=method, device=dev))
-    if mp_fit:
+        hooks.append(randomize_hook(o["seed"], method=method, device=dev))
+    if o["mp_fit"]:
         from .diagnostics.mp import mp_fit_hook
 
         hooks.append(mp_fit_hook())
-    mats, plan = _plan(model, layers, min_evals, max_evals, max_N)
+    source = resolve_source(model)
+    mats, plan = _plan(source, o["layers"], o["min_evals"], o["max_evals"], o["max_N"])
     todo = [(i, lm) for i, lm, reason in plan if not reason]
     skipped = [(lm.name, reason) for _, lm, reason in plan if reason]
     if not todo:
         found = ", ".join(f"{n} ({r})" for n, r in skipped[:5]) or "none"
         raise SourceError(
-            f"no analysable layer in {type(model).__name__}: found {len(mats)} weight matrices "
+            f"no analysable layer in {type(source.model).__name__}: found {len(mats)} weight matrices "
             f"(Linear, Conv1D, Conv2d, Embedding, RNN gates, or 2-D/4-D '*.weight' tensors); "
             f"skipped: {found}"
         )
@@ -300,7 +383,7 @@ def analyze(
         return out
 
     rows: list[dict] = []
-    bar = tqdm(total=len(todo), desc="frogwatch analyze", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(total=len(todo), desc="frogwatch analyze", unit="layer", disable=not o["progress"], leave=False)
     workers = _num_workers() if dev is None else 1
     with _layer_map(workers) as run:
         for layer_out in run(layer_rows, todo):
@@ -311,12 +394,10 @@ def analyze(
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df.reindex(columns=COLUMNS + extra)
-    from .diagnostics.collapse import scale_collapse
-    from .diagnostics.flow import overparameterized
-
     df["overparameterized"] = overparameterized(df)
     df["scale_collapse"] = scale_collapse(df)
     df.attrs["skipped"] = skipped
+    df.attrs[ATTRS_KEY] = Analysis(options=o, skipped=tuple(skipped), source=source, version=__version__)
     return df
 
 
@@ -332,14 +413,14 @@ def summary(df: pd.DataFrame, *, include_embeddings: bool = False) -> pd.Series:
         log_spectral_norm, stable_rank and, when present, mp_softrank; plus ``num_layers`` (the
         layers averaged), ``num_failed`` and, when present, ``overparameterized_share`` (the share
         of the averaged layers flagged ``overparameterized``).
+
+    Raises
+    ------
+    NotATableError
+        ``df`` is not an ``analyze`` table (:func:`frogwatch.handoff.check_table`).
+    TypeError
+        ``include_embeddings`` is not a bool.
     """
-    if not isinstance(df, pd.DataFrame) or "alpha" not in df.columns:
-        raise ValueError("summary() expects the DataFrame returned by frogwatch.analyze()")
-    use = df if include_embeddings else df[df["layer_type"] != "embedding"]
-    ok = use[use["status"] == "success"]
-    out = {c: float(ok[c].mean()) for c in SUMMARY_COLUMNS if c in ok.columns}
-    out["num_layers"] = int(len(ok))
-    out["num_failed"] = int((use["status"] != "success").sum())
-    if "overparameterized" in ok.columns:
-        out["overparameterized_share"] = float(ok["overparameterized"].mean()) if len(ok) else np.nan
-    return pd.Series(out, name="summary")
+    check_table(df, "summary", ("layer_type", "status", "alpha"))
+    include_embeddings = check_bool(include_embeddings, "include_embeddings", "summary")
+    return summarize(df, include_embeddings)

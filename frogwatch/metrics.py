@@ -7,25 +7,18 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
+from .layers import ALPHA_HIGH, ALPHA_LOW, alpha_warning
 from .powerlaw_fit import PowerLawFit
 from .spectra import Spectrum
 
 __all__ = ["layer_metrics", "quality_warning", "OVER_TRAINED_ALPHA", "UNDER_TRAINED_ALPHA"]
 
-OVER_TRAINED_ALPHA = 2.0  # alpha below: "over-trained" (very heavy tail)
-UNDER_TRAINED_ALPHA = 6.0  # alpha above: "under-trained" / over-parameterized (seed §4)
 WEAK_RANK_TOL = 1e-6  # eigenvalues below this count towards weak_rank_loss (as WeightWatcher)
 
-
-def quality_warning(alpha: float) -> str:
-    """``"over-trained"`` if alpha < 2, ``"under-trained"`` if alpha > 6, else ``""`` (NaN: ``""``)."""
-    if not math.isfinite(alpha):
-        return ""
-    if alpha < OVER_TRAINED_ALPHA:
-        return "over-trained"
-    if alpha > UNDER_TRAINED_ALPHA:
-        return "under-trained"
-    return ""
+# The alpha band lives in frogwatch.layers; these names stay for existing imports.
+OVER_TRAINED_ALPHA = ALPHA_LOW
+UNDER_TRAINED_ALPHA = ALPHA_HIGH
+quality_warning = alpha_warning
 
 
 def _log10(x: float) -> float:

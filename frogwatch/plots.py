@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,7 +26,9 @@ import torch
 from matplotlib.figure import Figure
 
 from ._io import atomic_write_bytes
-from .diagnostics.flow import ALPHA_HIGH, ALPHA_LOW, KINDS, layer_kind
+from ._validation import check_bool, check_int, fail_type
+from .handoff import check_table
+from .layers import ALPHA_HIGH, ALPHA_LOW, ROLES, block_of, layer_role
 from .diagnostics.mp import fit_mp, mp_density
 from .diagnostics.traps import layer_rng, shuffle_entries
 from .powerlaw_fit import EVALS_THRESH, PowerLawFit, fit_power_law
@@ -44,7 +45,7 @@ __all__ = [
 
 KIND_COLORS = dict(
     zip(
-        KINDS,
+        ROLES,
         ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#d62728", "#9467bd", "#8c564b",
          "#e377c2", "#7f7f7f", "#bcbd22"],
     )
@@ -152,6 +153,7 @@ def plot_esd(
     -------
     matplotlib.figure.Figure
     """
+    _check_args("plot_esd", title=title, path=path, bins=bins)
     ev = _evals_of(evals_or_layer_result)
     if fit is None:
         fit = fit_power_law(ev)
@@ -191,21 +193,22 @@ def plot_esd(
     return _finish(fig, path)
 
 
-def _require(df: Any, cols: tuple[str, ...], who: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{who}() expects a DataFrame")
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{who}(): the table lacks column(s) {missing}")
+def _check_args(func: str, *, title: Any = None, path: Any = None, bins: Any = 1) -> None:
+    """The arguments every plot takes, checked before anything is drawn."""
+    if title is not None and not isinstance(title, str):
+        raise fail_type(func, "title", "a str or None", title)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise fail_type(func, "path", "a str, os.PathLike or None", path)
+    check_int(bins, "bins", func, low=1)
 
 
 def _block_ticks(ax: Any, names: list[str], depth: np.ndarray) -> None:
     """Label the x axis by block (first number in the name) when the names have blocks."""
     firsts: dict[str, float] = {}
     for n, x in zip(names, depth):
-        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", n)
-        if m and m.group(1) not in firsts:
-            firsts[m.group(1)] = float(x)
+        b = block_of(n)
+        if b is not None and str(b) not in firsts:
+            firsts[str(b)] = float(x)
     if not 2 <= len(firsts) <= 60:
         return
     ticks = list(firsts.values())
@@ -236,9 +239,11 @@ def plot_alpha_depth(
     path : str or Path, optional
         Save as PNG or SVG.
     """
-    _require(df, ("name", "layer_type", "alpha"), "plot_alpha_depth")
+    check_table(df, "plot_alpha_depth")
+    _check_args("plot_alpha_depth", title=title, path=path)
+    include_embeddings = check_bool(include_embeddings, "include_embeddings", "plot_alpha_depth")
     d = df.sort_values("layer_id", kind="stable") if "layer_id" in df.columns else df
-    d = d.assign(kind=[layer_kind(n, t) for n, t in zip(d["name"], d["layer_type"])])
+    d = d.assign(kind=[layer_role(n, t) for n, t in zip(d["name"], d["layer_type"])])
     if not include_embeddings:
         d = d[d["kind"] != "embedding"]
     d = d.assign(depth=np.arange(len(d)), alpha=pd.to_numeric(d["alpha"], errors="coerce"))
@@ -252,7 +257,7 @@ def plot_alpha_depth(
     ax.axhspan(ALPHA_LOW, ALPHA_HIGH, color=_BAND_COLOR, alpha=0.08, lw=0)
     for y in (ALPHA_LOW, ALPHA_HIGH):
         ax.axhline(y, color=_BAND_COLOR, ls="--", lw=1.0)
-    for kind in [k for k in KINDS if k in set(d["kind"])]:
+    for kind in [k for k in ROLES if k in set(d["kind"])]:
         s = d[d["kind"] == kind]
         ax.plot(s["depth"], s["alpha"], "-", color=KIND_COLORS[kind], lw=0.8, alpha=0.5)
         ax.scatter(s["depth"], s["alpha"], color=KIND_COLORS[kind], s=30, label=kind, zorder=3)
@@ -292,7 +297,11 @@ def plot_compare(
     path : str or Path, optional
         Save as PNG or SVG.
     """
-    _require(cmp, ("name", "alpha_base", "alpha_tuned", "log_spectral_norm_change", "scale_collapse"), "plot_compare")
+    check_table(
+        cmp, "plot_compare", ("name", "alpha_base", "alpha_tuned", "log_spectral_norm_change", "scale_collapse"),
+        name="cmp", producer="frogwatch.compare()",
+    )  # fmt: skip
+    _check_args("plot_compare", title=title, path=path)
     if cmp.empty:
         raise ValueError("plot_compare(): empty comparison")
     from .diagnostics.collapse import REFERENCE_DROP_DEX
@@ -352,6 +361,10 @@ def plot_randomized_esd(
     path : str or Path, optional
         Save as PNG or SVG.
     """
+    _check_args("plot_randomized_esd", title=title, path=path, bins=bins)
+    seed = check_int(seed, "seed", "plot_randomized_esd", low=0)
+    if not isinstance(name, str):
+        raise fail_type("plot_randomized_esd", "name", "a str", name)
     A = _as_matrix(W)
     N, M = max(A.shape), min(A.shape)
     ev = eigenvalues(A)

@@ -13,13 +13,14 @@ Values plotted (``value=``):
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .layers import block_prefix
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,7 +35,6 @@ __all__ = [
     "plot_strategy_comparison",
 ]
 
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks)\.\d+)(?:\.|$)")
 _LABELS = {
     "importance": "matrix score R·m (seed §9)",
     "selected_score_sum": "Σ S of selected weights (seed §10)",
@@ -44,9 +44,9 @@ _LABELS = {
 
 def block_of(name: str) -> str:
     """Transformer block of a qualified name (``encoder.layer.3.attention.self.query`` ->
-    ``encoder.layer.3``); names outside any numbered block are their own group."""
-    m = _BLOCK.match(name)
-    return m.group(1) if m else name
+    ``encoder.layer.3``, :func:`frogwatch.layers.block_prefix`); names outside any numbered block
+    are their own group."""
+    return block_prefix(name) or name
 
 
 def _value(masks: "Masks", value: str) -> str:

@@ -27,17 +27,13 @@ import pandas as pd
 
 from . import __version__
 from ._io import atomic_write_bytes
-from .analyze import analyze, summary
+from ._validation import check_bool, fail_type, fail_value
+from .analyze import analyze, check_options, summary
 from .diagnostics.compare import compare_summary, compare_tables
-from .diagnostics.flow import (
-    ALPHA_HIGH,
-    ALPHA_LOW,
-    ERRATIC_DISPERSION,
-    TREND_SLOPE,
-    TRUST_MAX_D,
-    TRUST_MIN_TAIL,
-    correlation_flow,
-)
+from .diagnostics.flow import ERRATIC_DISPERSION, TREND_SLOPE, correlation_flow
+from .layers import ALPHA_HIGH, ALPHA_LOW
+from .rules import TRUST_MAX_D, TRUST_MIN_TAIL
+from .sources import ResolvedSource, resolve_source
 from .diagnostics.traps import find_layer, layer_spectrum
 from .plots import (
     figure_bytes,
@@ -56,7 +52,7 @@ LAYER_TABLE_COLUMNS = [
     "scale_collapse", "status",
 ]  # fmt: skip
 COMPARE_TABLE_COLUMNS = [
-    "name", "kind", "alpha_base", "alpha_tuned", "alpha_change", "log_spectral_norm_change",
+    "name", "role", "alpha_base", "alpha_tuned", "alpha_change", "log_spectral_norm_change",
     "alpha_weighted_change", "scale_collapse", "dW_fro", "dW_rel", "dW_stable_rank", "dW_alpha",
 ]  # fmt: skip
 
@@ -78,7 +74,12 @@ code{background:#f4f4f4;padding:0 3px}
 
 
 def model_label(model: Any) -> str:
-    """A short human-readable name for a model source."""
+    """A short human-readable name for a model source (raw, resolved, or an ``Analysis``)."""
+    carried = getattr(model, "__frogwatch_source__", None)
+    if isinstance(carried, ResolvedSource):
+        model = carried
+    if isinstance(model, ResolvedSource):
+        model = model.model
     if isinstance(model, (str, os.PathLike)):
         return str(model)
     cfg = getattr(model, "config", None)
@@ -161,12 +162,6 @@ def _findings(df: pd.DataFrame, flow: Any) -> list[str]:
     return items
 
 
-def _matrix_names(model: Any) -> list[str]:
-    from .sources import layer_matrices
-
-    return [lm.name for lm in layer_matrices(model)]
-
-
 def _pick_esd_layers(df: pd.DataFrame) -> list[str]:
     ok = df[(df["status"] == "success") & (df["layer_type"] != "embedding")]
     if ok.empty:
@@ -193,7 +188,9 @@ def report(
     Parameters
     ----------
     model : model source
-        Anything :func:`frogwatch.analyze` reads.
+        Anything :func:`frogwatch.analyze` reads, or a source resolved by
+        :func:`frogwatch.sources.resolve_source`. Resolved once: a sharded checkpoint's headers
+        are read once for the whole report.
     base : model source, optional
         The model before fine-tuning (same architecture); adds the before/after section.
     out_dir : str or Path
@@ -209,19 +206,36 @@ def report(
     -------
     Path
         The ``index.html`` written.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument (checked before any model is read).
     """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise fail_type("report", "out_dir", "a str or os.PathLike", out_dir)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
-    kw = dict(analyze_kwargs, randomize=randomize, mp_fit=mp_fit, seed=seed)
+        raise fail_value("report", "out_dir", "a directory or a new path", str(out))
+    if title is not None and not isinstance(title, str):
+        raise fail_type("report", "title", "a str or None", title)
+    if model is None:
+        raise fail_type("report", "model", "a model source", model)
+    kw = check_options(
+        "report", **analyze_kwargs, randomize=randomize, mp_fit=mp_fit, seed=seed,
+        progress=check_bool(progress, "progress", "report"),
+    )  # fmt: skip
+    seed = kw["seed"]
     label = model_label(model)
-    df = analyze(model, progress=progress, **kw)
+    model = resolve_source(model)
+    base = resolve_source(base) if base is not None else None
+    df = analyze(model, **kw)
     s = summary(df)
     flow = correlation_flow(df, model)
 
     figs: list[str] = []
     row_of = df.set_index("name")
-    matrix_names = set(_matrix_names(model))
+    matrix_names = set(model.by_name)
     esd_layers = _pick_esd_layers(df)
     if esd_layers:  # at least one successful fit
         png = figure_bytes(plot_alpha_depth(df, title=rf"{label}: $\alpha$ against depth"))
@@ -232,7 +246,7 @@ def report(
         spec = layer_spectrum(model, name)
         png = figure_bytes(plot_esd(spec, row_of.loc[name], title=name))
         figs.append(_figure(png, f"ESD of {name} with its power-law fit (alpha = {row_of.loc[name, 'alpha']:.2f})."))
-    if randomize and "rand_num_spikes" in df.columns:
+    if kw["randomize"] and "rand_num_spikes" in df.columns:
         traps = pd.to_numeric(df["rand_num_spikes"], errors="coerce").fillna(0)
         name = df.loc[traps.idxmax(), "name"] if (traps > 0).any() else None
         if name is not None and name in matrix_names:
@@ -244,7 +258,7 @@ def report(
 
     cmp = cmp_sum = None
     if base is not None:
-        df_base = analyze(base, progress=progress, **kw)
+        df_base = analyze(base, **kw)
         cmp = compare_tables(df_base, df, base, model)
         cmp_sum = compare_summary(cmp)
         png = figure_bytes(plot_compare(cmp, title=f"{model_label(base)} -> {label}"))

@@ -2,7 +2,7 @@
 
 Everything a user can hand to frogwatch (an ``nn.Module``, a state dict, a ``.safetensors`` file, a
 directory of sharded safetensors, a ``.bin``/``.pt`` checkpoint, a Hugging Face model directory) is
-turned into a list of :class:`LayerMatrix`. A ``LayerMatrix`` knows its name, kind and shape and
+turned into a list of :class:`LayerMatrix`. A ``LayerMatrix`` knows its name, layer type and shape and
 reads its tensor lazily, on ``load()``, so a sharded checkpoint is read one tensor at a time.
 
 Matrix conventions (REFERENCE §1): ``nn.Linear`` gives ``W`` (out x in); Hugging Face ``Conv1D``
@@ -23,19 +23,22 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .layers import LAYER_TYPES, is_embedding_name
+
 __all__ = [
     "LayerMatrix",
+    "ResolvedSource",
     "SourceError",
     "layer_matrices",
+    "resolve_source",
     "load_default_model",
     "natural_key",
 ]
 
-KINDS = ("dense", "conv1d", "conv2d", "embedding", "rnn")
+KINDS = LAYER_TYPES  # deprecated name of frogwatch.layers.LAYER_TYPES
 
 # Gate order of PyTorch's stacked recurrent weights (see torch.nn.LSTM / GRU docs).
 _RNN_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n"), "RNN": ("h",)}
-_EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|tok_embeddings|shared)", re.IGNORECASE)
 
 
 class SourceError(ValueError):
@@ -51,9 +54,10 @@ class LayerMatrix:
     name : str
         Qualified module path (``encoder.layer.0.attention.self.query``) or, for file sources,
         the tensor key without its ``.weight`` suffix. RNN gates add ``[gate]``.
-    kind : str
-        One of ``dense``, ``conv1d`` (Hugging Face, stored in x out), ``conv2d``, ``embedding``,
-        ``rnn``.
+    layer_type : str
+        Storage type, one of :data:`frogwatch.layers.LAYER_TYPES`: ``dense``, ``conv1d`` (Hugging
+        Face, stored in x out), ``conv2d``, ``embedding``, ``rnn``. (``kind`` is a read-only
+        alias kept for older code.)
     shape : tuple of int
         Shape of the tensor ``load()`` returns: 2-D, or 4-D (out, in, kh, kw) for ``conv2d``.
     module : nn.Module or None
@@ -61,10 +65,15 @@ class LayerMatrix:
     """
 
     name: str
-    kind: str
+    layer_type: str
     shape: tuple[int, ...]
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """Deprecated alias of :attr:`layer_type`."""
+        return self.layer_type
 
     def load(self) -> torch.Tensor:
         """Read the tensor (detached, on its original device and dtype)."""
@@ -169,12 +178,12 @@ def _rnn_matrices(mname: str, module: nn.RNNBase, seen: set[int]) -> list[LayerM
 # --------------------------------------------------------------------------------------------
 
 
-def _kind_from_key(key: str, ndim: int) -> str | None:
+def _layer_type_from_key(key: str, ndim: int) -> str | None:
     if ndim == 4:
         return "conv2d"
     if ndim != 2:
         return None
-    return "embedding" if _EMBEDDING_NAME.search(key) else "dense"
+    return "embedding" if is_embedding_name(key) else "dense"
 
 
 def _strip_prefix(key: str) -> str:
@@ -193,7 +202,7 @@ def _entries_to_matrices(
         key = _strip_prefix(key)
         if not key.endswith(".weight") and key != "weight":
             continue
-        kind = _kind_from_key(key, len(shape))
+        kind = _layer_type_from_key(key, len(shape))
         if kind is None:
             continue
         if ident is not None:
@@ -367,15 +376,86 @@ def _path_matrices(path: Path) -> list[LayerMatrix]:
     )
 
 
+def _read_matrices(model: Any) -> list[LayerMatrix]:
+    if isinstance(model, nn.Module):
+        return _module_matrices(model)
+    if isinstance(model, Mapping):
+        return _state_dict_matrices(model)
+    if isinstance(model, (str, os.PathLike)):
+        return _path_matrices(Path(model))
+    raise SourceError(
+        f"cannot read a model from {type(model).__name__}; expected an nn.Module, a state dict, "
+        "or a path to a .safetensors / .bin / .pt file or a model directory"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedSource:
+    """A model source read once: its layer list, with every file header already parsed.
+
+    :func:`resolve_source` builds it; every function that takes a model also takes one, so a
+    chain of calls (``analyze`` -> ``correlation_flow`` -> ``compare`` -> ``report``) reads a
+    sharded checkpoint's index and headers once. Tensors are still read lazily, one
+    :meth:`LayerMatrix.load` at a time. For an ``nn.Module`` the list is the module's layers when
+    resolved: resolve again after replacing modules (e.g. after :func:`frogwatch.prepare`).
+
+    Attributes
+    ----------
+    model : object
+        The source as the user gave it (module, state dict or path).
+    matrices : tuple of LayerMatrix
+        What :func:`layer_matrices` returns for it.
+    """
+
+    model: Any = field(repr=False)
+    matrices: tuple[LayerMatrix, ...] = field(repr=False)
+
+    def __repr__(self) -> str:
+        what = str(self.model) if isinstance(self.model, (str, os.PathLike)) else type(self.model).__name__
+        return f"ResolvedSource({what}, {len(self.matrices)} matrices)"
+
+    def __deepcopy__(self, memo: dict) -> "ResolvedSource":
+        return self  # immutable view of a model: never copied
+
+    @property
+    def by_name(self) -> dict[str, LayerMatrix]:
+        """``{name: LayerMatrix}``."""
+        cached = self.__dict__.get("_by_name")
+        if cached is None:
+            cached = {lm.name: lm for lm in self.matrices}
+            object.__setattr__(self, "_by_name", cached)
+        return cached
+
+
+def resolve_source(model: Any) -> ResolvedSource:
+    """Read a model source's layer list once (see :class:`ResolvedSource`).
+
+    ``model`` may already be a ``ResolvedSource``, or carry one as ``__frogwatch_source__`` (an
+    :class:`frogwatch.handoff.Analysis`); it is then returned as is, without reading anything.
+
+    Raises
+    ------
+    SourceError
+        If the source cannot be read; the message says what was expected.
+    """
+    if isinstance(model, ResolvedSource):
+        return model
+    carried = getattr(model, "__frogwatch_source__", None)
+    if isinstance(carried, ResolvedSource):
+        return carried
+    return ResolvedSource(model, tuple(_read_matrices(model)))
+
+
 def layer_matrices(model: Any) -> list[LayerMatrix]:
     """List the weight matrices of any supported model source.
 
     Parameters
     ----------
-    model : nn.Module, Mapping[str, Tensor], str or os.PathLike
+    model : nn.Module, Mapping[str, Tensor], str, os.PathLike or ResolvedSource
         A module; a state dict (optionally ``{"state_dict": ...}`` or with ``module.`` prefixes);
         a path to a ``.safetensors`` file, a ``*.safetensors.index.json``, a ``.bin``/``.pt``
-        checkpoint, or a directory holding any of these (a Hugging Face model directory).
+        checkpoint, or a directory holding any of these (a Hugging Face model directory); or a
+        source already resolved by :func:`resolve_source` (nothing is read again).
 
     Returns
     -------
@@ -387,16 +467,7 @@ def layer_matrices(model: Any) -> list[LayerMatrix]:
     SourceError
         If the source cannot be read; the message says what was expected.
     """
-    if isinstance(model, nn.Module):
-        return _module_matrices(model)
-    if isinstance(model, Mapping):
-        return _state_dict_matrices(model)
-    if isinstance(model, (str, os.PathLike)):
-        return _path_matrices(Path(model))
-    raise SourceError(
-        f"cannot read a model from {type(model).__name__}; expected an nn.Module, a state dict, "
-        "or a path to a .safetensors / .bin / .pt file or a model directory"
-    )
+    return list(resolve_source(model).matrices)
 
 
 def default_model_path() -> Path:

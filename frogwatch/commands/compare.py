@@ -20,7 +20,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..diagnostics.compare import compare, compare_summary
+    from ..comparison import compare
+    from ..diagnostics.compare import compare_summary
 
     cmp = compare(args.base, args.tuned, progress=not args.quiet)
     with pd.option_context("display.width", 180, "display.max_rows", 500,

@@ -3,15 +3,18 @@
 * :mod:`.traps` - correlation traps (``analyze(..., randomize=True)``): shuffled-weight ESDs.
 * :mod:`.mp` - Marchenko-Pastur bulk fit (``analyze(..., mp_fit=True)``): spikes, MP soft rank.
 * :mod:`.flow` - correlation flow through depth, per layer kind, and between-layer subspace
-  overlaps; the trusted-fit rule behind ``overparameterized``.
+  overlaps (the trusted-fit rule behind ``overparameterized`` is :mod:`frogwatch.rules`).
 * :mod:`.collapse` - scale collapse, with or without a reference model.
-* :mod:`.compare` - before/after comparison of two models (imports :mod:`frogwatch.analyze`).
+* :mod:`.compare` - before/after comparison of two models: the table math. ``compare`` itself
+  (which runs analyze) is :func:`frogwatch.comparison.compare`, re-exported here on first use.
 """
 
 from __future__ import annotations
 
 from .collapse import scale_collapse, scale_collapse_vs_reference
-from .compare import compare, compare_summary, delta_spectrum
+from typing import Any
+
+from .compare import compare_summary, delta_spectrum
 from .flow import (
     CorrelationFlow,
     correlation_flow,
@@ -42,3 +45,11 @@ __all__ = [
     "correlation_traps", "esd_distance", "randomized_eigenvalues", "shuffle_entries",
     "randomize_hook", "find_layer", "layer_spectrum",
 ]  # fmt: skip
+
+
+def compare(base: Any, tuned: Any, **kwargs: Any) -> Any:
+    """:func:`frogwatch.comparison.compare` (imported on first call: it runs analyze, which sits
+    above diagnostics)."""
+    from ..comparison import compare as _compare
+
+    return _compare(base, tuned, **kwargs)

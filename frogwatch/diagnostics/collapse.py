@@ -4,9 +4,10 @@ Some layers of distilled or poorly trained models have much smaller spectral nor
 peers; the model's alpha-hat (``alpha * log_spectral_norm``) then falls for a reason that has
 nothing to do with better correlations. frogwatch detects it two ways, embeddings excluded:
 
-Without a reference (:func:`scale_collapse`, ``analyze``'s ``scale_collapse`` column)
-    Layers are grouped by kind (query, key, value, attention-out, MLP up/down... see
-    :func:`.flow.layer_kind`) and shape ``(N, M)``. In a group of at least ``MIN_GROUP`` (3)
+Without a reference (:func:`scale_collapse`, ``analyze``'s ``scale_collapse`` column; the rule
+lives in :mod:`frogwatch.rules` and is re-exported here)
+    Layers are grouped by role (query, key, value, attention-out, MLP up/down... see
+    :func:`frogwatch.layers.layer_role`) and shape ``(N, M)``. In a group of at least ``MIN_GROUP`` (3)
     layers, a layer is collapsed when its ``log_spectral_norm`` is below
     ``median - max(COLLAPSE_MADS * 1.4826 * MAD, MIN_COLLAPSE_DEX)``: more than 3 robust standard
     deviations (the MAD scaled to a normal sigma) below the group's median, and at least 0.3 dex
@@ -24,9 +25,16 @@ Against a reference (:func:`scale_collapse_vs_reference`, used by :func:`frogwat
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
-from .flow import ALPHA_LOW, layer_kind
+from ..layers import ALPHA_LOW
+from ..rules import (
+    COLLAPSE_MADS,
+    MAD_TO_SIGMA,
+    MIN_COLLAPSE_DEX,
+    MIN_GROUP,
+    collapse_threshold,
+    scale_collapse,
+)
 
 __all__ = [
     "scale_collapse",
@@ -40,60 +48,8 @@ __all__ = [
     "ALPHA_IMPROVE_TOL",
 ]
 
-COLLAPSE_MADS = 3.0
-MAD_TO_SIGMA = 1.4826
-MIN_COLLAPSE_DEX = 0.3
-MIN_GROUP = 3
 REFERENCE_DROP_DEX = 0.3
 ALPHA_IMPROVE_TOL = 0.1
-
-
-def collapse_threshold(values: np.ndarray) -> float:
-    """The low cut-off ``median - max(3 * 1.4826 * MAD, 0.3)`` of a group's log spectral norms.
-
-    NaN when fewer than ``MIN_GROUP`` finite values.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size < MIN_GROUP:
-        return float("nan")
-    med = float(np.median(v))
-    mad = float(np.median(np.abs(v - med)))
-    return med - max(COLLAPSE_MADS * MAD_TO_SIGMA * mad, MIN_COLLAPSE_DEX)
-
-
-def scale_collapse(df: pd.DataFrame) -> pd.Series:
-    """Low-side outliers of ``log_spectral_norm`` among layers of the same kind and shape.
-
-    Parameters
-    ----------
-    df : DataFrame
-        ``analyze`` output (needs ``name``, ``layer_type``, ``N``, ``M``, ``log_spectral_norm``).
-
-    Returns
-    -------
-    Series of bool, aligned with ``df``.
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError("scale_collapse() expects the DataFrame returned by frogwatch.analyze()")
-    need = ("name", "layer_type", "N", "M", "log_spectral_norm")
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise ValueError(f"scale_collapse(): the table lacks column(s) {missing}")
-    out = pd.Series(False, index=df.index, dtype=bool)
-    if df.empty:
-        return out
-    kinds = [layer_kind(n, t) for n, t in zip(df["name"], df["layer_type"])]
-    lsn = pd.to_numeric(df["log_spectral_norm"], errors="coerce").to_numpy(dtype=np.float64)
-    keys = pd.Series(list(zip(kinds, df["N"], df["M"])), index=df.index)
-    for key, idx in keys.groupby(keys, sort=False).groups.items():
-        if key[0] == "embedding":
-            continue
-        pos = df.index.get_indexer(idx)
-        thr = collapse_threshold(lsn[pos])
-        if np.isfinite(thr):
-            out.iloc[pos] = np.isfinite(lsn[pos]) & (lsn[pos] < thr)
-    return out
 
 
 def scale_collapse_vs_reference(

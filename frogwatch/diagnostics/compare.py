@@ -1,6 +1,9 @@
-"""Before/after comparison of two models of the same architecture (e.g. pre/post fine-tune).
+"""Before/after comparison of two models of the same architecture (e.g. pre/post fine-tune): the
+table math.
 
-:func:`compare` analyses both models, matches their layers by name and reports, per matrix:
+:func:`frogwatch.compare` (in :mod:`frogwatch.comparison`, which runs ``analyze`` on both models)
+hands the two tables to :func:`compare_tables`, which matches their layers by name and reports,
+per matrix:
 
 * ``alpha``, ``log_norm``, ``log_spectral_norm``, ``alpha_weighted`` of the base (``*_base``)
   and the tuned model (``*_tuned``) and their change (``*_change`` = tuned - base);
@@ -26,16 +29,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..analyze import analyze, summary
+from ..handoff import check_table, source_of
+from ..layers import layer_role
 from ..powerlaw_fit import fit_power_law
-from ..sources import LayerMatrix, layer_matrices
+from ..rules import summarize
+from ..sources import LayerMatrix
 from ..spectra import esd_matrices, spectrum
 from .collapse import scale_collapse_vs_reference
-from .flow import layer_kind
 
 __all__ = ["compare", "compare_tables", "compare_summary", "delta_spectrum", "COMPARED_METRICS"]
 
+
+def __getattr__(name: str) -> Any:
+    # compare() runs analyze, which sits above diagnostics: imported on first use, never at import.
+    if name == "compare":
+        from ..comparison import compare
+
+        return compare
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 COMPARED_METRICS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted")
+_COMPARE_NEEDS = ("name", "alpha_base", "alpha_tuned", "scale_collapse", "dW_rel")
 _DELTA_COLUMNS = ["dW_fro", "dW_rel", "dW_stable_rank", "dW_alpha", "dW_status"]
 
 
@@ -76,52 +90,20 @@ def delta_spectrum(lm: LayerMatrix, W_base: torch.Tensor, W_tuned: torch.Tensor)
 
 
 def _summary_table(df_base: pd.DataFrame, df_tuned: pd.DataFrame) -> pd.DataFrame:
-    sb, st = summary(df_base), summary(df_tuned)
+    sb, st = summarize(df_base), summarize(df_tuned)
     keys = [k for k in sb.index if k in st.index]
     t = pd.DataFrame({"base": sb[keys].astype(float), "tuned": st[keys].astype(float)})
     t["change"] = t["tuned"] - t["base"]
     return t
 
 
-def compare(base: Any, tuned: Any, *, progress: bool = False, **analyze_kwargs: Any) -> pd.DataFrame:
-    """Compare two models layer by layer (matched by name).
-
-    Parameters
-    ----------
-    base, tuned : model sources
-        Anything :func:`frogwatch.analyze` reads (modules, state dicts, paths), same architecture.
-    progress : bool
-        Show analyze's progress bars.
-    **analyze_kwargs
-        Passed to :func:`frogwatch.analyze` for both models (``layers``, ``fit``, ``randomize``...).
-
-    Returns
-    -------
-    DataFrame
-        One row per matrix analysed in both models, in the base's order: ``name, layer_type,
-        kind, M, N``, then for each of alpha, log_norm, log_spectral_norm, alpha_weighted the
-        ``*_base``, ``*_tuned`` and ``*_change`` columns, ``scale_collapse`` and the ``dW_*``
-        columns. ``attrs["summary"]``: base/tuned/change of the model-level summary;
-        ``attrs["base_only"]``, ``attrs["tuned_only"]``: names found in one model only.
-
-    Raises
-    ------
-    ValueError
-        If no layer name is shared by the two models.
-    """
-    if "hooks" in analyze_kwargs:  # a generator would be used up by the first analyze
-        analyze_kwargs["hooks"] = list(analyze_kwargs["hooks"])
-    df_b = analyze(base, progress=progress, **analyze_kwargs)
-    df_t = analyze(tuned, progress=progress, **analyze_kwargs)
-    return compare_tables(df_b, df_t, base, tuned)
-
-
 def compare_tables(df_b: pd.DataFrame, df_t: pd.DataFrame, base: Any, tuned: Any) -> pd.DataFrame:
-    """:func:`compare` from two ``analyze`` tables already computed (same options) and the two
-    model sources they came from (read again for ``dW``). See :func:`compare` for the columns."""
-    for df, who in ((df_b, "base"), (df_t, "tuned")):
-        if not isinstance(df, pd.DataFrame) or not {"name", "alpha", "layer_type"} <= set(df.columns):
-            raise ValueError(f"compare_tables(): the {who} table is not analyze()'s output")
+    """:func:`frogwatch.compare` from two ``analyze`` tables already computed (same options) and
+    the two model sources they came from (raw, :class:`~frogwatch.sources.ResolvedSource` or
+    :class:`~frogwatch.handoff.Analysis`; their layers are read for ``dW``, their headers are not
+    read again when resolved). See :func:`frogwatch.compare` for the columns."""
+    for df, who in ((df_b, "df_base"), (df_t, "df_tuned")):
+        check_table(df, "compare_tables", ("name", "layer_type", "alpha", "M", "N"), name=who)
     names_t = set(df_t["name"])
     names_b = set(df_b["name"])
     shared = [n for n in df_b["name"] if n in names_t]
@@ -135,7 +117,8 @@ def compare_tables(df_b: pd.DataFrame, df_t: pd.DataFrame, base: Any, tuned: Any
     t = df_t.set_index("name").loc[shared]
     out = pd.DataFrame({"name": shared})
     out["layer_type"] = b["layer_type"].to_numpy()
-    out["kind"] = [layer_kind(n, k) for n, k in zip(shared, out["layer_type"])]
+    out["role"] = [layer_role(n, t) for n, t in zip(shared, out["layer_type"])]
+    out["kind"] = out["role"]  # deprecated copy of role
     out["M"] = b["M"].to_numpy()
     out["N"] = b["N"].to_numpy()
     for m in COMPARED_METRICS:
@@ -148,10 +131,10 @@ def compare_tables(df_b: pd.DataFrame, df_t: pd.DataFrame, base: Any, tuned: Any
         out["log_spectral_norm_base"], out["log_spectral_norm_tuned"],
         out["alpha_base"], out["alpha_tuned"],
     )  # fmt: skip
-    out["scale_collapse"] = collapsed & (out["kind"] != "embedding").to_numpy()
+    out["scale_collapse"] = collapsed & (out["role"] != "embedding").to_numpy()
     # the update dW, one matrix pair in memory at a time
-    mats_b = {lm.name: lm for lm in layer_matrices(base)}
-    mats_t = {lm.name: lm for lm in layer_matrices(tuned)}
+    mats_b = source_of(base).by_name
+    mats_t = source_of(tuned).by_name
     base_of = {n: n.split("[")[0] for n in shared}  # unpooled conv slices share one matrix
     deltas = []
     done: dict[str, dict] = {}
@@ -184,13 +167,13 @@ def compare_summary(cmp: pd.DataFrame) -> pd.DataFrame:
         ``cmp.attrs["summary"]`` was lost (e.g. after a filter), the metrics are recomputed as
         means over the matched non-embedding rows.
     """
-    if not isinstance(cmp, pd.DataFrame) or "alpha_base" not in cmp.columns:
-        raise ValueError("compare_summary() expects the DataFrame returned by frogwatch.compare()")
+    check_table(cmp, "compare_summary", _COMPARE_NEEDS, name="cmp", producer="frogwatch.compare()")
     table = cmp.attrs.get("summary")
     if isinstance(table, pd.DataFrame):
         table = table.copy()
     else:
-        body = cmp[cmp["kind"] != "embedding"]
+        role = cmp["role"] if "role" in cmp.columns else cmp["kind"]
+        body = cmp[role != "embedding"]
         rows = {}
         for m in COMPARED_METRICS:
             vb, vt = body[f"{m}_base"].mean(), body[f"{m}_tuned"].mean()

@@ -35,13 +35,13 @@ top-k left singular vectors of the first matrix (its output space) and the top-k
 vectors of the second (its input space). Two random k-dimensional subspaces of the shared
 dimension ``d`` give ``k / d`` on average (``baseline``); ``enrichment = overlap / baseline``.
 
-This module also defines the trusted-fit rule behind ``analyze``'s ``overparameterized`` column.
+Roles come from :func:`frogwatch.layers.layer_role`; the trusted-fit rule behind ``analyze``'s
+``overparameterized`` column is in :mod:`frogwatch.rules` (re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -49,6 +49,11 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import theilslopes
+
+from .._validation import check_int
+from ..handoff import check_table, source_of
+from ..layers import ALPHA_HIGH, ALPHA_LOW, ROLES, block_prefix, layer_role
+from ..rules import TRUST_MAX_D, TRUST_MIN_TAIL, overparameterized, trusted_fit
 
 __all__ = [
     "CorrelationFlow",
@@ -71,139 +76,12 @@ __all__ = [
     "DEFAULT_TOP_K",
 ]
 
-KINDS = ("query", "key", "value", "qkv", "attn_out", "mlp_up", "mlp_down", "conv", "embedding", "other")
-ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
+KINDS = ROLES  # deprecated name of frogwatch.layers.ROLES
+layer_kind = layer_role  # deprecated name of frogwatch.layers.layer_role
 TREND_SLOPE = 2.0
 ERRATIC_DISPERSION = 1.0
 MIN_LAYERS = 3
-TRUST_MIN_TAIL = 10
-TRUST_MAX_D = 0.15
 DEFAULT_TOP_K = 16
-
-# --------------------------------------------------------------------------------------------
-# Layer kinds
-# --------------------------------------------------------------------------------------------
-
-_EMBED = re.compile(r"(embed|wte|wpe|tok_embeddings|shared$)", re.IGNORECASE)
-_FUSED_QKV = {"qkv", "query_key_value", "c_attn", "in_proj", "wqkv", "qkv_proj", "qkv_lin", "to_qkv"}
-_QUERY = {"q", "query", "q_proj", "q_lin", "wq", "to_q", "query_proj"}
-_KEY = {"k", "key", "k_proj", "k_lin", "wk", "to_k", "key_proj"}
-_VALUE = {"v", "value", "v_proj", "v_lin", "wv", "to_v", "value_proj"}
-_ATTN_OUT = {"o", "o_proj", "out_proj", "out_lin", "c_proj", "dense", "wo", "proj", "to_out",
-             "output", "out"}  # fmt: skip  (only inside an attention module)
-_UP = {"fc1", "c_fc", "up_proj", "gate_proj", "gate_up_proj", "w1", "w3", "wi", "wi_0", "wi_1",
-       "dense_h_to_4h", "lin1", "fc_in", "intermediate", "up", "gate"}  # fmt: skip
-_DOWN = {"fc2", "down_proj", "w2", "dense_4h_to_h", "lin2", "fc_out", "down"}
-_ATTN_CTX = re.compile(r"(attn|attention)", re.IGNORECASE)
-_MLP_CTX = re.compile(r"(mlp|ffn|feed_forward|feedforward|densereludense|intermediate)", re.IGNORECASE)
-
-
-def layer_kind(name: str, layer_type: str = "dense", shape: Sequence[int] | None = None) -> str:
-    """Role of a weight matrix from its name (and, as a fallback, its shape).
-
-    Parameters
-    ----------
-    name : str
-        Qualified module name, e.g. ``encoder.layer.0.attention.self.query``; a trailing
-        ``.weight`` is ignored.
-    layer_type : str
-        frogwatch's ``layer_type`` (``dense``, ``conv1d``, ``conv2d``, ``embedding``, ``rnn``).
-    shape : (rows, cols), optional
-        The matrix as stored: ``(out, in)`` for ``dense``, ``(in, out)`` for ``conv1d``. Used only
-        when the name says nothing: a matrix widening by 2x or more is ``mlp_up``, one narrowing by
-        2x or more ``mlp_down``.
-
-    Returns
-    -------
-    str
-        One of :data:`KINDS`.
-    """
-    if layer_type == "conv2d":
-        return "conv"
-    parts = [p for p in name.split(".") if p]
-    if parts and parts[-1] == "weight":
-        parts = parts[:-1]
-    if layer_type == "embedding" or (parts and _EMBED.search(parts[-1])):
-        return "embedding"
-    if not parts:
-        return "other"
-    leaf = parts[-1].lower()
-    parent = parts[-2].lower() if len(parts) > 1 else ""
-    context = ".".join(parts[:-1])
-    in_attn = bool(_ATTN_CTX.search(context))
-    if leaf in _FUSED_QKV:
-        return "qkv"
-    if leaf in _QUERY:
-        return "query"
-    if leaf in _KEY:
-        return "key"
-    if leaf in _VALUE:
-        return "value"
-    if in_attn and (leaf in _ATTN_OUT or parent in ("output", "out_proj", "o")):
-        return "attn_out"
-    if leaf in _UP or parent == "intermediate":
-        return "mlp_up"
-    if leaf in _DOWN:
-        return "mlp_down"
-    if leaf == "wo" or (leaf == "c_proj" and _MLP_CTX.search(context)):
-        return "mlp_down"
-    if leaf == "dense" and parent == "output":  # BERT: layer.N.output.dense after intermediate
-        return "mlp_down"
-    if shape is not None and len(shape) == 2 and layer_type in ("dense", "conv1d"):
-        out_dim, in_dim = (shape[0], shape[1]) if layer_type == "dense" else (shape[1], shape[0])
-        if out_dim >= 2 * in_dim:
-            return "mlp_up"
-        if in_dim >= 2 * out_dim:
-            return "mlp_down"
-    return "other"
-
-
-def _block_of(name: str) -> str:
-    """Name prefix up to and including its first numeric component (``encoder.layer.3``)."""
-    m = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", name)
-    return m.group(1) if m else ""
-
-
-# --------------------------------------------------------------------------------------------
-# Trusted fits and over-parameterization
-# --------------------------------------------------------------------------------------------
-
-
-def trusted_fit(df: pd.DataFrame) -> pd.Series:
-    """Whether each layer's power-law fit is good enough to act on.
-
-    A fit is trusted when ``status == "success"``, its tail holds at least ``TRUST_MIN_TAIL`` (10)
-    eigenvalues (``num_pl_spikes``) and its Kolmogorov-Smirnov distance ``D <= TRUST_MAX_D``
-    (0.15). With fewer than 10 tail eigenvalues the standard error of alpha,
-    ``(alpha - 1) / sqrt(n_tail)``, exceeds 1.5 at alpha = 6, too wide to tell 6 from 8; a KS
-    distance above 0.15 means the tail is not a power law (all of MiniLM's fits have D < 0.14).
-    """
-    _require(df, ("status", "num_pl_spikes", "D"), "trusted_fit")
-    return (
-        (df["status"] == "success")
-        & (pd.to_numeric(df["num_pl_spikes"], errors="coerce") >= TRUST_MIN_TAIL)
-        & (pd.to_numeric(df["D"], errors="coerce") <= TRUST_MAX_D)
-    ).astype(bool)
-
-
-def overparameterized(df: pd.DataFrame) -> pd.Series:
-    """``alpha > 6`` (``ALPHA_HIGH``) with a trusted fit (:func:`trusted_fit`).
-
-    The seed's over-parameterized layer: a spectrum too close to random for its size, a
-    candidate to prune or to fine-tune more aggressively. Unlike ``warning == "under-trained"``
-    it is not raised by a fit on a handful of eigenvalues or by a poor fit.
-    """
-    _require(df, ("alpha",), "overparameterized")
-    alpha = pd.to_numeric(df["alpha"], errors="coerce")
-    return (trusted_fit(df) & (alpha > ALPHA_HIGH)).astype(bool)
-
-
-def _require(df: Any, cols: Sequence[str], who: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{who}() expects the DataFrame returned by frogwatch.analyze()")
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{who}(): the table lacks column(s) {missing}; pass analyze()'s output")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +230,7 @@ def layer_pairs(names: Sequence[str], kinds: Sequence[str]) -> list[tuple[str, s
         target = _FEEDS.get(k1)
         if target is None:
             continue
-        cands = [n2 for n2, k2 in zip(names, kinds) if k2 == target and _block_of(n2) == _block_of(n1)]
+        cands = [n2 for n2, k2 in zip(names, kinds) if k2 == target and block_prefix(n2) == block_prefix(n1)]
         if not cands:
             continue
         depths = [_common_depth(n1, n2) for n2 in cands]
@@ -365,19 +243,17 @@ def layer_pairs(names: Sequence[str], kinds: Sequence[str]) -> list[tuple[str, s
 
 def _as_out_in(lm: Any, W: torch.Tensor) -> np.ndarray:
     A = W.detach().to("cpu", torch.float64).numpy()
-    return A.T if lm.kind == "conv1d" else A
+    return A.T if lm.layer_type == "conv1d" else A
 
 
-def _between_layers(model: Any, layer_df: pd.DataFrame, k: int) -> pd.DataFrame:
-    from ..sources import layer_matrices
-
+def _between_layers(source: Any, layer_df: pd.DataFrame, k: int) -> pd.DataFrame:
     cols = ["first", "second", "relation", "k", "d", "overlap", "baseline", "enrichment"]
     names = list(layer_df["name"])
-    kinds = list(layer_df["kind"])
-    pairs = layer_pairs(names, kinds)
+    roles = list(layer_df["role"])
+    pairs = layer_pairs(names, roles)
     if not pairs:
         return pd.DataFrame(columns=cols)
-    by_name = {lm.name: lm for lm in layer_matrices(model)}
+    by_name = source.by_name
     cache: dict[str, np.ndarray] = {}
 
     def matrix(name: str) -> np.ndarray | None:
@@ -388,7 +264,7 @@ def _between_layers(model: Any, layer_df: pd.DataFrame, k: int) -> pd.DataFrame:
             cache[name] = _as_out_in(lm, lm.load())
         return cache[name]
 
-    kind_of = dict(zip(names, kinds))
+    kind_of = dict(zip(names, roles))
     rows = []
     for n1, n2 in pairs:
         W1, W2 = matrix(n1), matrix(n2)
@@ -421,11 +297,13 @@ class CorrelationFlow:
     Attributes
     ----------
     groups : DataFrame
-        Index ``"model"`` then each kind present; columns ``n, share_in_range, alpha_median,
+        Index ``"model"`` then each role present; columns ``n, share_in_range, alpha_median,
         slope, slope_low, slope_high, dispersion, verdict``.
     layers : DataFrame
-        One row per layer: ``name, layer_id, kind, alpha, depth`` (normalised over the model's
-        non-embedding layers), ``kind_depth`` (normalised within its kind), ``in_range``.
+        One row per layer: ``name, layer_id, role`` (:func:`frogwatch.layers.layer_role`),
+        ``alpha, depth`` (normalised over the model's non-embedding layers), ``role_depth``
+        (normalised within its role), ``in_range``; ``kind`` and ``kind_depth`` are deprecated
+        copies of ``role`` and ``role_depth``.
     pairs : DataFrame or None
         Between-layer subspace overlaps (``model`` given): ``first, second, relation, k, d,
         overlap, baseline, enrichment``.
@@ -450,7 +328,9 @@ def correlation_flow(df: pd.DataFrame, model: Any = None, *, top_k: int = DEFAUL
         Output of ``analyze`` (needs ``name``, ``layer_type``, ``alpha``; ``layer_id`` orders the
         layers when present). Embeddings are left out of the model-level statistics.
     model : optional
-        The analysed model (any source ``analyze`` reads). When given, kinds use the stored
+        The analysed model: any source ``analyze`` reads, a
+        :class:`~frogwatch.sources.ResolvedSource` or ``df.attrs["frogwatch"]`` (an
+        :class:`~frogwatch.handoff.Analysis`; nothing is read again). When given, roles use the stored
         shapes as a fallback and the between-layer subspace overlaps are computed.
     top_k : int
         Subspace dimension for the between-layer overlap.
@@ -459,45 +339,41 @@ def correlation_flow(df: pd.DataFrame, model: Any = None, *, top_k: int = DEFAUL
     -------
     CorrelationFlow
     """
-    _require(df, ("name", "layer_type", "alpha"), "correlation_flow")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    check_table(df, "correlation_flow")
+    top_k = check_int(top_k, "top_k", "correlation_flow", low=1)
+    source = source_of(model) if model is not None else None
     d = df.copy()
     if "layer_id" in d.columns:
         d = d.sort_values("layer_id", kind="stable")
-    shapes: dict[str, tuple] = {}
-    if model is not None:
-        from ..sources import layer_matrices
-
-        shapes = {lm.name: lm.shape for lm in layer_matrices(model)}
-    d["kind"] = [
-        layer_kind(n, t, shapes.get(n)) for n, t in zip(d["name"], d["layer_type"])
-    ]
+    shapes = {lm.name: lm.shape for lm in source.matrices} if source is not None else {}
+    roles = [layer_role(n, t, shapes.get(n)) for n, t in zip(d["name"], d["layer_type"])]
     alpha = pd.to_numeric(d["alpha"], errors="coerce")
     ok_status = d["status"] == "success" if "status" in d.columns else pd.Series(True, index=d.index)
-    d["alpha"] = alpha.where(ok_status)
     layers = pd.DataFrame({
         "name": d["name"].to_numpy(),
         "layer_id": d["layer_id"].to_numpy() if "layer_id" in d.columns else np.arange(len(d)),
-        "kind": d["kind"].to_numpy(),
-        "alpha": d["alpha"].to_numpy(),
+        "role": roles,
+        "alpha": alpha.where(ok_status).to_numpy(),
     })  # fmt: skip
-    body = layers["kind"] != "embedding"
+    body = layers["role"] != "embedding"
     n_body = int(body.sum())
     layers["depth"] = np.nan
     layers.loc[body, "depth"] = np.linspace(0.0, 1.0, n_body) if n_body > 1 else 0.0
-    layers["kind_depth"] = np.nan
-    for idx in layers.groupby("kind", sort=False).groups.values():
+    layers["role_depth"] = np.nan
+    for idx in layers.groupby("role", sort=False).groups.values():
         m = len(idx)
-        layers.loc[idx, "kind_depth"] = np.linspace(0.0, 1.0, m) if m > 1 else 0.0
+        layers.loc[idx, "role_depth"] = np.linspace(0.0, 1.0, m) if m > 1 else 0.0
     layers["in_range"] = (layers["alpha"] >= ALPHA_LOW) & (layers["alpha"] <= ALPHA_HIGH)
+    # deprecated names of role / role_depth, kept for older code
+    layers["kind"] = layers["role"]
+    layers["kind_depth"] = layers["role_depth"]
 
     groups: dict[str, dict] = {}
     neighbour_diffs: list[np.ndarray] = []
-    for kind in [k for k in KINDS if k in set(layers["kind"])]:
-        a = layers.loc[layers["kind"] == kind, "alpha"].to_numpy(dtype=np.float64)
-        groups[kind] = flow_stats(a)
-        if kind != "embedding":
+    for role in [r for r in ROLES if r in set(layers["role"])]:
+        a = layers.loc[layers["role"] == role, "alpha"].to_numpy(dtype=np.float64)
+        groups[role] = flow_stats(a)
+        if role != "embedding":
             fa = a[np.isfinite(a)]
             if fa.size >= 2:
                 neighbour_diffs.append(np.abs(np.diff(fa)))
@@ -506,5 +382,5 @@ def correlation_flow(df: pd.DataFrame, model: Any = None, *, top_k: int = DEFAUL
     model_row = flow_stats(model_alphas, dispersion=pooled)
     table = pd.DataFrame.from_dict({"model": model_row, **groups}, orient="index")[_STAT_COLUMNS]
     table.index.name = "group"
-    pairs = _between_layers(model, layers, int(top_k)) if model is not None else None
+    pairs = _between_layers(source, layers, top_k) if source is not None else None
     return CorrelationFlow(groups=table, layers=layers, pairs=pairs)

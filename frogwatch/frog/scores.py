@@ -336,13 +336,10 @@ def alpha_lookup(alpha: object, names: Sequence[str]) -> np.ndarray:
     """
     import pandas as pd
 
+    from ..handoff import check_table
+
     if isinstance(alpha, pd.DataFrame):
-        missing = {"name", "alpha"} - set(alpha.columns)
-        if missing:
-            raise ValueError(
-                f"alpha DataFrame needs columns 'name' and 'alpha' (as from frogwatch.analyze); "
-                f"missing {sorted(missing)}"
-            )
+        check_table(alpha, "alpha_lookup", ("name", "alpha"), name="alpha")
         vals = pd.to_numeric(alpha["alpha"], errors="coerce").astype(float)
         if "status" in alpha.columns:
             vals = vals.where(alpha["status"].astype(str) == "success")
