@@ -2,7 +2,7 @@
 
 Pure functions on one matrix; no model, no I/O. :func:`frogwatch.frog.select.select` calls
 :func:`score_matrix` and :func:`pick` once per targeted matrix. The scores (``score=`` of
-``select``; documented and benchmarked in ``docs/method.md`` and ``benchmarks/results_finetune.md``):
+``select``; benchmarked in ``benchmarks/results_finetune.md``, summarised in README "Does FROG help?"):
 
 ``relevance``
     FROG's SVD relevance ``S = |U| diag(σ) |V|ᵀ`` (:func:`~frogwatch.frog.scores.relevance_2d`);
