@@ -105,3 +105,19 @@ def test_chart_functions_return_figures(tiny_model_file):
         plot_strategy_comparison(pm, select(tiny_model_file, 0.1, targets="fc1", progress=False))
     with pytest.raises(ValueError, match="value"):
         plot_matrix_importance(pm, value="alpha")
+
+
+def test_cli_select_score_seed_floor(tiny_model_file, tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    rc = main(["select", str(tiny_model_file), "--budget", "1%", "--strategy", "global", "--score", "random",
+               "--seed", "3", "--min-per-matrix", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    masks = Masks.load(out)
+    assert masks == select(tiny_model_file, 0.01, strategy="global", score="random", seed=3, min_per_matrix=2,
+                           progress=False)
+    assert min(masks.counts().values()) >= 2 and masks.meta["score"] == "random"
+    with pytest.warns(UserWarning, match="got no weights"):
+        assert main(["select", str(tiny_model_file), "--budget", "3", "--strategy", "global", "--no-progress"]) == 0
+    assert "--min-per-matrix" in capsys.readouterr().out
+    assert main(["select", str(tiny_model_file), "--strategy", "global", "--score", "balanced", "--no-progress"]) == 1
+    assert main(["select", str(tiny_model_file), "--score", "balanced", "--random-share", "0.5", "--no-progress"]) == 0

@@ -128,3 +128,15 @@ def test_topk_flat_ties_go_to_lower_index():
     assert topk_flat(torch.zeros(4), 2).tolist() == [0, 1]
     with pytest.raises(ValueError):
         topk_flat(v, 6)
+
+
+def test_allocate_minimum_floor():
+    from frogwatch.frog.budget import allocate
+
+    k = allocate([10.0, 1.0, 0.0], [50, 50, 2], 20, minimum=3)
+    assert k.tolist() == [3 + 11, 3 + 1, 2]  # floor capped at size 2; the 12 left split 10:1:0
+    assert allocate([1.0, 1.0], [5, 5], 4, minimum=0).tolist() == allocate([1.0, 1.0], [5, 5], 4).tolist()
+    with pytest.raises(ValueError, match="minimum"):
+        allocate([1.0, 1.0], [5, 5], 3, minimum=2)
+    with pytest.raises(ValueError, match="minimum"):
+        allocate([1.0, 1.0], [5, 5], 3, minimum=-1)

@@ -179,7 +179,7 @@ def test_shira_config_helper_and_resize():
     model = TwoLinear()
     masks = select(model, 32, progress=False)
     assert masks.shira_config(model).r == 1
-    uneven = select(model, 40, progress=False)
+    uneven = select(model, 40, score="relevance", progress=False)  # resize re-ranks by S: nested for top-S
     with pytest.raises(ValueError, match="single SHiRA r"):
         uneven.shira_config(model)
     fn = uneven.to_shira_mask_fn(model)

@@ -142,3 +142,107 @@ def test_alpha_lookup_forms():
         alpha_lookup(pd.DataFrame({"layer": ["a"]}), ["a"])
     with pytest.raises(ValueError, match="DataFrame"):
         alpha_lookup([1.0], ["a"])
+
+
+# ---- selection scores (frogwatch.frog.scorers) against brute-force numpy ------------------------
+
+from frogwatch.diagnostics.mp import fit_mp  # noqa: E402
+from frogwatch.frog import scorers  # noqa: E402
+
+
+def np_balanced(values: np.ndarray, k: int, exclude=()) -> np.ndarray:
+    """Greedy scan in decreasing value with row cap ceil(k/m) and column cap ceil(k/n), then top fill."""
+    m, n = values.shape
+    order = np.argsort(-values.reshape(-1), kind="stable")
+    rows, cols, taken = np.zeros(m, int), np.zeros(n, int), []
+    for idx in order:
+        if idx in exclude or len(taken) == k:
+            continue
+        i, j = divmod(int(idx), n)
+        if rows[i] < -(-k // m) and cols[j] < -(-k // n):
+            rows[i] += 1
+            cols[j] += 1
+            taken.append(int(idx))
+    for idx in order:
+        if len(taken) < k and idx not in exclude and idx not in taken:
+            taken.append(int(idx))
+    return np.sort(np.array(taken, dtype=int))
+
+
+@pytest.mark.parametrize("shape,k", [((7, 5), 6), ((5, 9), 12), ((8, 8), 1), ((6, 4), 24), ((3, 10), 29)])
+def test_balanced_topk_matches_brute_force_and_respects_caps(shape, k):
+    rng = np.random.default_rng(k)
+    # rank-one-dominated values, like S: a plain top-k would fill a block
+    V = np.outer(rng.random(shape[0]) ** 4, rng.random(shape[1]) ** 4) + 1e-3 * rng.random(shape)
+    got = scorers.balanced_topk(torch.from_numpy(V), k).numpy()
+    np.testing.assert_array_equal(got, np_balanced(V, k))
+    mask = np.zeros(V.size, bool)
+    mask[got] = True
+    mask = mask.reshape(shape)
+    if k <= min(shape):  # the caps never block each other here
+        assert mask.sum(1).max() <= -(-k // shape[0]) and mask.sum(0).max() <= -(-k // shape[1])
+
+
+def test_balanced_topk_with_exclusions_and_ties():
+    V = np.zeros((4, 4))  # all ties: lowest flat index first, within the caps
+    ex = torch.tensor([0, 5])
+    got = scorers.balanced_topk(torch.from_numpy(V), 4, exclude=ex).numpy()
+    np.testing.assert_array_equal(got, np_balanced(V, 4, exclude={0, 5}))
+    assert not set(got) & {0, 5}
+    with pytest.raises(ValueError):
+        scorers.balanced_topk(torch.from_numpy(V), 15, exclude=ex)
+
+
+def test_normalized_relevance_brute_force():
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((9, 6))
+    S = brute_relevance(W)
+    expected = np.array([[S[i, j] / (S[i].mean() * S[:, j].mean()) for j in range(6)] for i in range(9)])
+    got, energy = scorers.score_matrix(torch.from_numpy(W), "normalized")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+    assert energy == pytest.approx(1.0)
+    Z = np.zeros((3, 3))
+    Z[0, 0] = 1.0  # zero rows and columns stay 0, no NaN
+    out = scorers.normalized_relevance(torch.from_numpy(Z)).numpy()
+    assert np.isfinite(out).all() and out[1:, :].sum() == 0
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
+def test_bulk_relevance_drops_mp_spikes(shape):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal(shape) / np.sqrt(max(shape))
+    U, s, Vt = np.linalg.svd(W, full_matrices=False)
+    s[:3] *= 8.0  # three spikes far above the MP edge
+    W = (U * s) @ Vt
+    fit = fit_mp(s**2, max(shape), min(shape))
+    bulk = s**2 <= fit.threshold
+    assert (~bulk).sum() == 3
+    expected = (np.abs(U[:, bulk]) * s[bulk]) @ np.abs(Vt[bulk])
+    got, energy, n_spikes = scorers.bulk_relevance(torch.from_numpy(W))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert n_spikes == 3
+    assert energy == pytest.approx((s[bulk] ** 2).sum() / (s**2).sum())
+
+
+def test_magnitude_and_random_scores():
+    W = torch.randn(5, 4, dtype=torch.float64)
+    got, energy = scorers.score_matrix(W, "magnitude")
+    torch.testing.assert_close(got, W.abs())
+    assert math.isnan(energy)
+    a, _ = scorers.score_matrix(W, "random", name="x", seed=1)
+    b, _ = scorers.score_matrix(W * 5, "random", name="x", seed=1)
+    c, _ = scorers.score_matrix(W, "random", name="y", seed=1)
+    torch.testing.assert_close(a, b)  # depends on seed and name only
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError):
+        scorers.score_matrix(W, "nope")
+
+
+def test_pick_mixture_draws_the_random_share_then_top_scores():
+    V = torch.arange(100, dtype=torch.float64).reshape(10, 10)
+    g = torch.Generator().manual_seed(0)
+    got = scorers.pick(V, 10, random_share=0.3, generator=g)
+    rand = torch.randperm(100, generator=torch.Generator().manual_seed(0))[:3]
+    rest = [i for i in range(99, -1, -1) if i not in set(rand.tolist())][:7]
+    np.testing.assert_array_equal(got.numpy(), np.sort(np.r_[rand.numpy(), rest]))
+    np.testing.assert_array_equal(scorers.pick(V, 10).numpy(), np.arange(90, 100))

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from frogwatch.frog import relevance, resolve_targets, select
+from frogwatch.frog import relevance, resolve_targets
+from frogwatch.frog import select as select_default
+
+
+def select(*args, **kwargs):
+    """The selection these brute-force tests check: FROG relevance unless a score is named."""
+    kwargs.setdefault("score", "relevance")
+    return select_default(*args, **kwargs)
 from frogwatch.frog.budget import topk_flat
 
 
@@ -342,3 +349,136 @@ def test_real_minilm_block_selection(minilm_session):
     S_r, energy = relevance(q, method="randomized", rank=192, return_energy=True)
     a, b = set(topk_flat(S, k).tolist()), set(topk_flat(S_r, k).tolist())
     assert 0.9 < energy < 1.0 and len(a & b) / len(a | b) > 0.7
+
+
+# ---- score variants, mixture, floor (issue: selection must earn its place) ----------------------
+
+from frogwatch.frog import scorers as _scorers  # noqa: E402
+
+
+def _np_counts(model, budget):
+    Ws = weights(model)
+    sizes = np.array([W.size for W in Ws.values()])
+    total = budget if isinstance(budget, int) else int(math.floor(budget * sizes.sum() + 0.5))
+    return Ws, np_budgets([np.linalg.norm(W) for W in Ws.values()], sizes, total)
+
+
+def _np_score(W, score):
+    S = np_relevance(W)
+    if score == "normalized":
+        return S / np.outer(S.mean(1), S.mean(0))
+    if score == "magnitude":
+        return np.abs(W)
+    return S
+
+
+@pytest.mark.parametrize("score", ["relevance", "normalized", "magnitude", "balanced"])
+def test_per_matrix_scores_equal_brute_force(score):
+    model = mlp(seed=2)
+    Ws, k = _np_counts(model, 0.2)
+    masks = select(model, 0.2, score=score, progress=False)
+    assert masks.meta["score"] == score
+    for (name, W), ki in zip(Ws.items(), k):
+        V = _np_score(W, score)
+        want = np_balanced_sel(V, int(ki)) if score == "balanced" else np_top(V, int(ki))
+        np.testing.assert_array_equal(masks.indices(name).numpy(), want, err_msg=name)
+        np.testing.assert_allclose(masks.scores(name).numpy(), V.reshape(-1)[want].astype(np.float32), rtol=1e-5)
+
+
+def np_balanced_sel(V, k):
+    m, n = V.shape
+    rows, cols, taken = np.zeros(m, int), np.zeros(n, int), []
+    order = np.argsort(-V.reshape(-1), kind="stable")
+    for idx in order:
+        i, j = divmod(int(idx), n)
+        if len(taken) < k and rows[i] < -(-k // m) and cols[j] < -(-k // n):
+            rows[i], cols[j] = rows[i] + 1, cols[j] + 1
+            taken.append(int(idx))
+    taken += [int(i) for i in order if int(i) not in taken][: k - len(taken)]
+    return np.sort(taken)
+
+
+def test_random_score_is_seeded_with_frobenius_counts():
+    model = mlp(seed=3)
+    a = select(model, 0.1, score="random", seed=5, progress=False)
+    b = select(model, 0.1, score="random", seed=5, progress=False)
+    c = select(model, 0.1, score="random", seed=6, progress=False)
+    assert a == b and a != c
+    assert a.counts() == select(model, 0.1, progress=False).counts()
+    assert all(math.isnan(a.info(n).energy) for n in a)
+
+
+def test_random_share_one_is_a_random_mask_and_half_keeps_top_scores():
+    model = mlp(seed=4)
+    full = select(model, 0.3, random_share=1.0, seed=1, progress=False)
+    rel = select(model, 0.3, progress=False)
+    assert full.counts() == rel.counts() and full != rel
+    half = select(model, 0.3, random_share=0.5, seed=1, progress=False)
+    for name, W in weights(model).items():
+        k = rel.counts()[name]
+        idx = set(half.indices(name).tolist())
+        assert len(idx) == k
+        S = np_relevance(W).reshape(-1)
+        gen = _scorers.matrix_generator(1 + 1_000_003, name)
+        rand = set(torch.randperm(W.size, generator=gen)[: int(math.floor(0.5 * k + 0.5))].tolist())
+        rest = np_top(np.where(np.isin(np.arange(S.size), list(rand)), -np.inf, S), k - len(rand))
+        assert idx == rand | set(rest.tolist())
+
+
+def test_global_floor_gives_every_matrix_its_top_entries_and_warns_without_it():
+    model = mlp(seed=1, dims=(40, 30, 4, 3))  # the small matrices lose the global ranking
+    with pytest.warns(UserWarning, match=r"1 of 3 targeted matrices got no weights"):
+        plain = select(model, 0.05, strategy="global", progress=False)
+    assert min(plain.counts().values()) == 0
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        floored = select(model, 0.05, strategy="global", min_per_matrix=2, progress=False)
+    total = int(math.floor(0.05 * (40 * 30 + 30 * 4 + 4 * 3) + 0.5))
+    assert floored.n_selected == total
+    Ws = weights(model)
+    scored = {n: np_relevance(W).reshape(-1) for n, W in Ws.items()}
+    floor_idx = {n: np_top(s, 2) for n, s in scored.items()}
+    rest = np.concatenate([np.where(np.isin(np.arange(s.size), floor_idx[n]), -np.inf, s) for n, s in scored.items()])
+    pool = np_top(rest, total - 6)
+    start = 0
+    for n, s in scored.items():
+        want = np.union1d(floor_idx[n], pool[(pool >= start) & (pool < start + s.size)] - start)
+        np.testing.assert_array_equal(floored.indices(n).numpy(), want, err_msg=n)
+        start += s.size
+
+
+def test_per_matrix_floor_and_bad_options():
+    model = mlp(seed=1, dims=(40, 30, 4, 3))
+    m = select(model, 10, min_per_matrix=3, progress=False)
+    norms = [np.linalg.norm(W) for W in weights(model).values()]
+    assert list(m.counts().values()) == [4, 3, 3] and norms[0] == max(norms)  # 3 each, the last to the largest R
+    assert min(select(model, 10, progress=False).counts().values()) < 3
+    with pytest.raises(ValueError, match="min_per_matrix"):
+        select(model, 10, min_per_matrix=4, progress=False)
+    with pytest.raises(ValueError, match="balanced"):
+        select(model, 0.1, strategy="global", score="balanced", progress=False)
+    with pytest.raises(ValueError, match="score"):
+        select(model, 0.1, score="svd", progress=False)
+    with pytest.raises(ValueError, match="random_share"):
+        select(model, 0.1, random_share=1.5, progress=False)
+    with pytest.raises(TypeError, match="seed"):
+        select(model, 0.1, seed=1.5, progress=False)
+
+
+def test_global_random_share_spreads_random_entries_by_size():
+    model = mlp(seed=1, dims=(40, 30, 4, 3))
+    m = select(model, 0.1, strategy="global", random_share=1.0, seed=0, progress=False)
+    sizes = np.array([1200, 120, 12])
+    from frogwatch.frog.budget import allocate
+
+    assert list(m.counts().values()) == allocate(sizes.astype(float), sizes, m.n_selected).tolist()
+
+
+def test_default_score_is_balanced_per_matrix_and_relevance_global():
+    model = mlp(seed=5)
+    assert select_default(model, 0.2, progress=False) == select(model, 0.2, score="balanced")
+    assert select_default(model, 0.2, progress=False).meta["score"] == "balanced"
+    g = select_default(model, 0.2, strategy="global", progress=False)
+    assert g == select(model, 0.2, strategy="global", score="relevance") and g.meta["score"] == "relevance"

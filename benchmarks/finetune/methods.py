@@ -18,6 +18,17 @@ entries); they differ only in *which* entries are selected:
 ``magnitude``       k_i as ``frog_pm``, the top-k_i |W_ij|.
 ``lift``            k_i as ``frog_pm``, the top-k_i |(U_r Σ_r V_rᵀ)_ij| (LIFT-style "principal
                     weights" of a rank-r approximation), r = ``lift_rank(m, n)`` = ⌈min(m, n)/16⌉.
+``default``         exactly ``frogwatch.select(model, budget)`` with every default (then
+                    ``prepare`` with its defaults): whatever the package ships.
+``balanced``        ``select(score="balanced")``: row- and column-balanced top-S.
+``normalized``      ``select(score="normalized")``: S / (row mean · column mean).
+``bulk``            ``select(score="bulk")``: S of the Marchenko–Pastur bulk (spikes removed).
+``mix50``           ``select(random_share=0.5)``: half of each k_i random, half top-S.
+``sel_random``      ``select(score="random", seed=seed)``: the package's seeded random mask.
+``<x>_blend_under`` ``<x>`` with the α blend λ = :data:`BLEND`, undertrained-first / ``_over``.
+``grad``            data-aware reference (SIFT / SpIEL style): k_i as ``frog_pm``, the top-k_i
+                    Σ|∂L/∂W_ij| accumulated over :data:`GRAD_BATCHES` training batches of the
+                    pretrained model (a generator separate from the training order).
 ==================  ===========================================================================
 
 ``random``, ``magnitude`` and ``lift`` use exactly FROG per-matrix's k_i, so against ``frog_pm``
@@ -62,6 +73,7 @@ from train import Problem
 __all__ = ["ABLATION_C", "BLEND", "METHODS", "Method", "calibrated_scale", "lift_rank", "lora_rank"]
 
 BLEND = 0.5  # λ of the α-blended variants
+GRAD_BATCHES = 4  # batches of the data-aware gradient-magnitude reference
 ABLATION_C = 0.1  # "small" init / noise: c · rms(W) / mean(S)
 
 MaskDict = dict[str, torch.Tensor]
@@ -151,12 +163,51 @@ def frog_masks(problem: Problem, budget: float, seed: int, *, strategy: str = "p
         problem.model,
         float(budget),
         strategy=strategy,
+        score="relevance",
         targets=_exact(problem.targets),
         blend=blend,
         alpha=_alpha(problem) if blend > 0 else None,
         direction=direction,
         progress=False,
     )
+
+
+def select_masks(problem: Problem, budget: float, seed: int, *, seeded: bool = False, **kwargs) -> Mapping[str, torch.Tensor]:
+    """``frogwatch.frog.select.select`` with ``kwargs`` (``seeded=True`` passes the run's seed)."""
+    if seeded:
+        kwargs["seed"] = seed
+    if kwargs.get("blend", 0.0) > 0:
+        kwargs["alpha"] = _alpha(problem)
+    return select(problem.model, float(budget), targets=_exact(problem.targets), progress=False, **kwargs)
+
+
+def default_masks(problem: Problem, budget: float, seed: int) -> Mapping[str, torch.Tensor]:
+    """Exactly what ``frogwatch.select(model, budget)`` returns with its defaults."""
+    return select(problem.model, float(budget), targets=_exact(problem.targets), progress=False)
+
+
+def grad_masks(problem: Problem, budget: float, seed: int) -> MaskDict:
+    """Top-k_i accumulated |gradient| over a few batches of the pretrained model (data-aware)."""
+    key = ("grad", seed)
+    if key not in problem.cache:
+        import copy
+
+        model = copy.deepcopy(problem.model).train()
+        mods = problem.target_modules(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in mods.values():
+            m.weight.requires_grad_(True)
+        gen = torch.Generator().manual_seed(424_242 + seed)
+        acc = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in mods.items()}
+        for _ in range(GRAD_BATCHES):
+            model.zero_grad(set_to_none=True)
+            problem.loss(model, problem.train_batch(gen)).backward()
+            for n, m in mods.items():
+                acc[n] += m.weight.grad.detach().abs().double()
+        problem.cache[key] = acc
+    acc = problem.cache[key]
+    return _topk_masks(problem, budget, lambda name, W: acc[name])
 
 
 def random_masks(problem: Problem, budget: float, seed: int) -> MaskDict:
@@ -310,6 +361,18 @@ METHODS: dict[str, Method] = {
         Method("magnitude", "sparse", magnitude_masks, description="top-|W| mask"),
         Method("lift", "sparse", lift_masks, description="LIFT-style top-|W_r| mask"),
         Method("lora", "lora", description="PEFT LoRA, rank matched to the budget"),
+        Method("default", "sparse", default_masks, description="frogwatch.select() defaults"),
+        Method("balanced", "sparse", partial(select_masks, score="balanced"), description="row/column-balanced top-S"),
+        Method("normalized", "sparse", partial(select_masks, score="normalized"), description="S / (row·column scale)"),
+        Method("bulk", "sparse", partial(select_masks, score="bulk"), description="S of the MP bulk"),
+        Method("mix50", "sparse", partial(select_masks, random_share=0.5, seeded=True), description="50 % random + top-S"),
+        Method("sel_random", "sparse", partial(select_masks, score="random", seeded=True), description="select(score='random')"),
+        Method("grad", "sparse", grad_masks, description="data-aware: top accumulated |grad|"),
+        *[Method(f"{x}_blend_{d.split('-')[0][:-7]}", "sparse",
+                 partial(select_masks, blend=BLEND, direction=d, **kw), description=f"{x} + α blend, {d}")
+          for x, kw in (("balanced", {"score": "balanced"}), ("mix50", {"random_share": 0.5, "seeded": True}),
+                        ("sel_random", {"score": "random", "seeded": True}))
+          for d in ("undertrained-first", "overtrained-first")],
         Method("full", "full", budgeted=False, description="full fine-tuning"),
         Method("pretrained", "none", budgeted=False, description="no fine-tuning"),
         Method("head_only", "head", budgeted=False, description="new head only"),

@@ -47,12 +47,17 @@ SWEEP_METHODS = ("pretrained", "head_only", "full", "frog_pm", "frog_blend_under
 METHOD_ORDER = (
     "pretrained", "head_only", "full", "frog_pm", "frog_global", "frog_blend_under", "frog_blend_over",
     "frog_init", "frog_noise", "frog_init_noise", "random", "magnitude", "lift", "lora",
+    "default", "balanced", "normalized", "bulk", "mix50", "sel_random", "grad", "balanced_blend_under",
+    "balanced_blend_over", "mix50_blend_under", "mix50_blend_over", "sel_random_blend_under", "sel_random_blend_over",
 )
+#: Within-matrix selectors compared against the random mask (same per-matrix counts).
+SELECTORS = METHOD_ORDER[METHOD_ORDER.index("default"):] + ("frog_pm", "magnitude", "lift")
 TASK_TEXT = {
     "digits": ("target-domain test accuracy (higher is better)", "source-domain test accuracy kept (higher is better)"),
     "planted_sparse": ("test MSE / untuned MSE (lower is better)", "cosine(ΔW, planted D) (higher is better)"),
     "planted_lowrank": ("test MSE / untuned MSE (lower is better)", "cosine(ΔW, planted D) (higher is better)"),
     "minilm": ("test accuracy (higher is better)", "Spearman of held-out sentence similarities vs pretrained (higher is better)"),
+    "pydoc": ("test accuracy (higher is better)", "Spearman of held-out sentence similarities vs pretrained (higher is better)"),
 }
 
 
@@ -372,7 +377,7 @@ def make_report(out: Path, meta: dict | None = None) -> Path:
               "adjust `p_t`, `pooled` rows (all budgets × seeds) adjust `p_wilcoxon`. A verdict other than "
               "'no clear difference' means p_holm < 0.05.", ""]
     holds_all: list[str] = []
-    for task in [t for t in ("digits", "planted_sparse", "planted_lowrank", "minilm") if t in set(df["task"])] + \
+    for task in [t for t in ("digits", "planted_sparse", "planted_lowrank", "minilm", "pydoc") if t in set(df["task"])] + \
             sorted(set(df["task"]) - set(TASK_TEXT)):
         d = df[df["task"] == task].assign(secondary=lambda x: _secondary(x))
         labels = TASK_TEXT.get(task, ("target_metric", "source_metric"))
@@ -396,7 +401,10 @@ def make_report(out: Path, meta: dict | None = None) -> Path:
                   _md(cost.round(3)), ""]
         budget_pairs = [("frog_pm", b) for b in BASELINES]
         variant_pairs = [(v, "frog_pm") for v in VARIANTS]
+        random_pairs = [(m, "random") for m in SELECTORS if m in set(d["method"])]
         for title, pairs, metric in (
+            ("selectors vs the random mask — " + labels[0], random_pairs, "target_metric"),
+            ("selectors vs the random mask — " + labels[1], random_pairs, "secondary"),
             ("FROG per-matrix vs baselines — " + labels[0], budget_pairs, "target_metric"),
             ("FROG variants vs plain FROG per-matrix — " + labels[0], variant_pairs, "target_metric"),
             ("FROG per-matrix vs baselines — " + labels[1], budget_pairs, "secondary"),

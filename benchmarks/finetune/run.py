@@ -52,12 +52,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pandas as pd  # noqa: E402
 
-TASK_GROUPS = {"digits": ["digits"], "planted": ["planted_sparse", "planted_lowrank"], "minilm": ["minilm"]}
+TASK_GROUPS = {"digits": ["digits"], "planted": ["planted_sparse", "planted_lowrank"], "minilm": ["minilm"],
+               "pydoc": ["pydoc"], "planted_sparse": ["planted_sparse"], "planted_lowrank": ["planted_lowrank"]}
+TEXT_TASKS = ("minilm", "pydoc")
 
 #: Methods on the cheap tasks (digits, planted): everything.
 CHEAP_METHODS = (
     "pretrained", "full", "frog_pm", "frog_global", "frog_blend_under", "frog_blend_over",
-    "frog_init", "frog_noise", "frog_init_noise", "random", "magnitude", "lift", "lora",
+    "frog_init", "frog_noise", "frog_init_noise", "random", "magnitude", "lift", "lora", "default",
 )
 #: MiniLM: one run costs ~15-30 s of CPU here, so methods x budgets are cut to fit 30 minutes:
 #: at 0.1 % (where accuracy is not saturated) FROG, both α blends and the three baselines; at 1 %
@@ -67,7 +69,14 @@ MINILM_PLAN: dict[str, tuple[float, ...]] = {
     "frog_pm": (0.001, 0.01), "frog_blend_under": (0.001,), "frog_blend_over": (0.001,),
     "random": (0.001, 0.01), "magnitude": (0.001, 0.01), "lora": (0.001, 0.01),
 }
-QUICK_MINILM_PLAN: dict[str, tuple[float, ...]] = {"head_only": (0.0,), "frog_pm": (0.001,), "lora": (0.001,)}
+QUICK_MINILM_PLAN: dict[str, tuple[float, ...]] = {"head_only": (0.0,), "default": (0.001,), "random": (0.001,)}
+#: The real-text task (stdlib docstrings -> package; 300 steps): the data-free candidates against
+#: random and the data-aware reference, at 0.1 % and 1 %.
+PYDOC_PLAN: dict[str, tuple[float, ...]] = {
+    "head_only": (0.0,), "default": (0.001, 0.01), "frog_pm": (0.001, 0.01), "random": (0.001, 0.01),
+    "balanced": (0.001, 0.01), "mix50": (0.001, 0.01), "grad": (0.001, 0.01),
+}
+QUICK_PYDOC_PLAN: dict[str, tuple[float, ...]] = {"default": (0.01,), "random": (0.01,)}
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,10 @@ def _problem(task: str, seed: int, quick: bool):
             _PROBLEMS[key] = mod.make_problem(seed, quick, variant=task.split("_", 1)[1])
         elif task == "minilm":
             import tasks_minilm as mod
+
+            _PROBLEMS[key] = mod.make_problem(seed, quick)
+        elif task == "pydoc":
+            import tasks_pydoc as mod
 
             _PROBLEMS[key] = mod.make_problem(seed, quick)
         else:
@@ -202,14 +215,17 @@ def build_units(args: argparse.Namespace) -> list[Unit]:
     units: list[Unit] = []
     tasks = [t for g in args.tasks.split(",") for t in TASK_GROUPS[g.strip()]]
     for task in tasks:
-        if task == "minilm":
-            seeds = tuple(_ints(args.minilm_seeds))
-            if args.minilm_methods or args.minilm_budgets:
-                names = (args.minilm_methods or ",".join(MINILM_PLAN)).split(",")
-                budgets = _floats(args.minilm_budgets or "0.001,0.01")
+        if task in TEXT_TASKS:
+            pre = "minilm" if task == "minilm" else "pydoc"
+            seeds = tuple(_ints(getattr(args, f"{pre}_seeds")))
+            full_plan, quick_plan = (MINILM_PLAN, QUICK_MINILM_PLAN) if pre == "minilm" else (PYDOC_PLAN, QUICK_PYDOC_PLAN)
+            methods_arg, budgets_arg = getattr(args, f"{pre}_methods"), getattr(args, f"{pre}_budgets")
+            if methods_arg or budgets_arg:
+                names = (methods_arg or ",".join(full_plan)).split(",")
+                budgets = _floats(budgets_arg or "0.001,0.01")
                 plan = {n: budgets for n in names}
             else:
-                plan = QUICK_MINILM_PLAN if args.quick else MINILM_PLAN
+                plan = quick_plan if args.quick else full_plan
         else:
             seeds = tuple(_ints(args.seeds))
             plan = {n: _floats(args.budgets) for n in args.methods.split(",")}
@@ -217,9 +233,9 @@ def build_units(args: argparse.Namespace) -> list[Unit]:
             m = METHODS[name]
             cells = budgets if m.budgeted else [1.0 if m.family == "full" else 0.0]
             for b in cells:
-                units.append(Unit(task, name, b, seeds, args.quick, 1 if (args.quick and task == "minilm") else None,
+                units.append(Unit(task, name, b, seeds, args.quick, 1 if (args.quick and task in TEXT_TASKS) else None,
                                   _lr_override(args.lr_grid)))
-    units.sort(key=lambda u: u.task != "minilm")
+    units.sort(key=lambda u: u.task not in TEXT_TASKS)
     return units
 
 
@@ -238,13 +254,17 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 3 minutes)")
-    ap.add_argument("--tasks", default="digits,planted,minilm", help="comma list of digits, planted, minilm")
+    ap.add_argument("--tasks", default="digits,planted,minilm,pydoc", help="comma list of digits, planted, minilm, pydoc")
     ap.add_argument("--seeds", default=None, help="seeds of the cheap tasks (default 0,1,2,3,4; quick 0,1,2)")
     ap.add_argument("--budgets", default=None, help="budgets of the cheap tasks (default 0.001,0.005,0.01,0.05; quick 0.01,0.05)")
     ap.add_argument("--methods", default=",".join(CHEAP_METHODS), help="methods of the cheap tasks")
     ap.add_argument("--minilm-seeds", default=None, help="MiniLM seeds (default 0,1,2; quick 0,1)")
     ap.add_argument("--minilm-budgets", default=None, help="MiniLM budgets for every MiniLM method (default: MINILM_PLAN)")
     ap.add_argument("--minilm-methods", default=None, help="MiniLM methods (default: MINILM_PLAN)")
+    ap.add_argument("--pydoc-seeds", default=None, help="seeds of the docstring task (default 0,1,2,3,4; quick 0,1)")
+    ap.add_argument("--pydoc-budgets", default=None, help="docstring-task budgets for every method (default: PYDOC_PLAN)")
+    ap.add_argument("--pydoc-methods", default=None, help="docstring-task methods (default: PYDOC_PLAN)")
+    ap.add_argument("--pydoc-steps", type=int, default=None, help="training steps of the docstring task (default 300)")
     ap.add_argument("--lr-grid", action="append", default=None, metavar="FAMILY=LR,LR,...",
                     help="replace a method family's lr grid (sparse, lora, full, head) in every task; repeatable")
     ap.add_argument("--out", default=None, help="output directory")
@@ -253,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4")
     args.budgets = args.budgets or ("0.01,0.05" if args.quick else "0.001,0.005,0.01,0.05")
     args.minilm_seeds = args.minilm_seeds or ("0,1" if args.quick else "0,1,2")
+    if args.pydoc_steps:
+        os.environ["FROGWATCH_PYDOC_STEPS"] = str(args.pydoc_steps)  # inherited by the spawned workers
+    args.pydoc_seeds = args.pydoc_seeds or ("0,1" if args.quick else "0,1,2,3,4")
     out = Path(args.out) if args.out else HERE / ("results-quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -51,7 +51,7 @@ def parse_budget(text: str) -> float | int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..frog.scores import DIRECTIONS, METHODS
-    from ..frog.select import STRATEGIES
+    from ..frog.select import SCORES, STRATEGIES
 
     p = subparsers.add_parser(
         "select",
@@ -65,6 +65,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--budget", type=parse_budget, default=0.01, help="1%%, 0.01 or a count (default 1%%)")
     p.add_argument("--strategy", choices=STRATEGIES, default="per_matrix")
+    p.add_argument("--score", choices=SCORES, default=None,
+                   help="which entries of a matrix to pick (default: balanced for per_matrix, relevance for global; "
+                        "see README 'Does FROG help?')")
+    p.add_argument("--random-share", type=float, default=0.0, metavar="RHO",
+                   help="share of each matrix's count drawn at random, the rest by --score (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --score random and --random-share (default 0)")
+    p.add_argument("--min-per-matrix", type=int, default=0, metavar="N",
+                   help="give every targeted matrix at least N weights (default 0: none)")
     p.add_argument("--blend", type=fraction_in_unit_interval("--blend"), default=0.0, help="α blend strength λ in [0, 1] (default 0: plain FROG)")
     p.add_argument("--direction", choices=DIRECTIONS, default="undertrained-first")
     p.add_argument(
@@ -142,9 +150,18 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         rank=args.rank,
         progress=not args.no_progress,
+        score=args.score,
+        random_share=args.random_share,
+        seed=args.seed,
+        min_per_matrix=args.min_per_matrix,
     )
+    if args.strategy == "global" and args.score == "balanced":  # before any reading
+        raise ValueError("--score balanced needs --strategy per_matrix")
     masks = select(model, args.budget, strategy=args.strategy, **kwargs)
     print(_format_summary(masks))
+    starved = sum(1 for k in masks.counts().values() if k == 0)
+    if starved:
+        print(f"note: {starved} of {len(masks)} matrices got no weights; --min-per-matrix N gives each at least N")
     if args.out:
         masks.save(args.out)
         print(f"wrote {args.out}")
@@ -157,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             other_strategy = "global" if args.strategy == "per_matrix" else "per_matrix"
             df = masks.summary()
             kwargs["alpha"] = dict(zip(df["name"], df["alpha"]))  # reuse α: analyze runs once
+            if kwargs["score"] == "balanced":
+                kwargs["score"] = None  # each strategy's default
             other = select(model, args.budget, strategy=other_strategy, **kwargs)
             pm, gl = (masks, other) if args.strategy == "per_matrix" else (other, masks)
             _save_figure(plot_strategy_comparison(pm, gl, by="block"), args.compare_plot)

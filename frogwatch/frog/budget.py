@@ -93,7 +93,12 @@ def _capped_quotas(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.nda
     return q
 
 
-def allocate(weights: Sequence[float] | np.ndarray, sizes: Sequence[int] | np.ndarray, total: int) -> np.ndarray:
+def allocate(
+    weights: Sequence[float] | np.ndarray,
+    sizes: Sequence[int] | np.ndarray,
+    total: int,
+    minimum: int = 0,
+) -> np.ndarray:
     """Split ``total`` trainable weights over matrices: ``k_i ∝ weights_i``, capped at ``sizes_i``.
 
     Parameters
@@ -104,6 +109,10 @@ def allocate(weights: Sequence[float] | np.ndarray, sizes: Sequence[int] | np.nd
         Number of entries of each matrix.
     total : int
         ``T_trainable``, ``0 <= total <= Σ sizes``.
+    minimum : int
+        Per-matrix floor: every matrix first gets ``f_i = min(minimum, sizes_i)`` entries and the
+        remaining ``total - Σ f_i`` are split as below over the room left (``sizes_i - f_i``).
+        ``Σ f_i`` may not exceed ``total``.
 
     Returns
     -------
@@ -125,6 +134,16 @@ def allocate(weights: Sequence[float] | np.ndarray, sizes: Sequence[int] | np.nd
     total = int(total)
     if not 0 <= total <= int(n.sum()):
         raise ValueError(f"total must be in [0, {int(n.sum())}], got {total}")
+    if isinstance(minimum, bool) or not isinstance(minimum, Integral) or minimum < 0:
+        raise ValueError(f"allocate: minimum must be an int >= 0, got {minimum!r}")
+    if minimum:
+        floor = np.minimum(n, int(minimum))
+        if int(floor.sum()) > total:
+            raise ValueError(
+                f"allocate: minimum must be at most {total // n.size} per matrix for {total:,} weights over "
+                f"{n.size} matrices, got {minimum!r}"
+            )
+        return floor + allocate(w, n - floor, total - int(floor.sum()))
     q = _capped_quotas(w, n, total)
     k = np.minimum(np.floor(q).astype(np.int64), n)
     short = total - int(k.sum())

@@ -13,8 +13,10 @@ once and keeps a running pool of the best ``T_trainable`` candidates (value, mat
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 import sys
+import warnings
 from numbers import Integral
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -22,9 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_choice, check_float, check_int
 from ..sources import LayerMatrix, layer_matrices
 from .budget import allocate, resolve_budget, topk_flat
 from .masks import MaskInfo, Masks
+from .scorers import SCORES, SVD_SCORES, matrix_generator, pick, score_matrix
 from .scores import (
     METHODS,
     alpha_lookup,
@@ -37,7 +41,7 @@ from .scores import (
     relevance_2d,
 )
 
-__all__ = ["STRATEGIES", "relevance", "resolve_targets", "select"]
+__all__ = ["SCORES", "STRATEGIES", "relevance", "resolve_targets", "select"]
 
 STRATEGIES = ("per_matrix", "global")
 TargetSpec = Union[str, Sequence[str], Callable[[str, LayerMatrix], bool]]
@@ -151,6 +155,10 @@ def select(
     method: str = "exact",
     rank: int | None = None,
     progress: bool = True,
+    score: str | None = None,
+    random_share: float = 0.0,
+    seed: int = 0,
+    min_per_matrix: int = 0,
 ) -> Masks:
     """Choose the weights FROG fine-tunes.
 
@@ -184,6 +192,23 @@ def select(
         Rank of a truncated / randomized S.
     progress : bool
         Show a tqdm progress bar.
+    score : {"balanced", "relevance", "normalized", "bulk", "magnitude", "random"}, optional
+        Default ``None``: ``"balanced"`` with ``per_matrix``, ``"relevance"`` with ``global`` (the
+        benchmark's choice, README "Does FROG help?"). Which entries of a matrix are picked (:mod:`frogwatch.frog.scorers`): FROG's relevance S,
+        row- and column-balanced top-S, S divided by its row and column means, S of the
+        Marchenko–Pastur bulk (spikes removed), ``|W|``, or a seeded random mask. ``balanced``
+        needs ``strategy="per_matrix"``. ``Masks.scores`` then holds this score of the selected
+        entries (relevance S for ``relevance`` and ``balanced``).
+    random_share : float
+        Share in [0, 1] of each matrix's count drawn uniformly at random (seeded by ``seed`` and
+        the matrix name); the rest is picked by ``score``. With ``global``, ``round(ρ·T_trainable)``
+        random entries are spread over the matrices in proportion to their sizes.
+    seed : int
+        Seed of the ``random`` score and of ``random_share``.
+    min_per_matrix : int
+        Every targeted matrix gets at least ``min(min_per_matrix, size)`` entries. With ``global``
+        these are each matrix's top entries and the rest of the budget is ranked globally. When a
+        matrix gets nothing and no floor is set, a warning says how many.
 
     Returns
     -------
@@ -191,17 +216,38 @@ def select(
     """
     _check_choice(strategy, STRATEGIES, "strategy")
     _check_choice(method, METHODS, "method")
+    if score is None:
+        score = "balanced" if strategy == "per_matrix" else "relevance"
+    score = check_choice(score, "score", "select", SCORES)
+    rho = check_float(random_share, "random_share", "select", low=0.0, high=1.0)
+    seed = check_int(seed, "seed", "select")
+    floor = check_int(min_per_matrix, "min_per_matrix", "select", low=0)
+    if score == "balanced" and strategy != "per_matrix":
+        raise ValueError("select: score 'balanced' needs strategy='per_matrix' (its caps are per matrix)")
     lam = check_blend(blend)
     check_direction(direction)
     lms = resolve_targets(model, targets)
     names = [lm.name for lm in lms]
     sizes = np.array([lm.size for lm in lms], dtype=np.int64)
     total = resolve_budget(budget, int(sizes.sum()))
+    if int(np.minimum(sizes, floor).sum()) > total:
+        raise ValueError(
+            f"select: min_per_matrix must be at most {total // len(lms)} for a budget of {total:,} weights over "
+            f"{len(lms)} matrices, got {floor!r}"
+        )
     alphas = _alphas(model, names, alpha, lam > 0, progress)
     mult = alpha_multipliers(alphas, lam, direction)
 
+    how = _How(score, rho, seed, floor, method, rank)
     run = _select_per_matrix if strategy == "per_matrix" else _select_global
-    norms, energies, indices, scores, sums = run(lms, sizes, total, mult, method, rank, progress)
+    norms, energies, indices, scores, sums = run(lms, sizes, total, mult, how, progress)
+    starved = [lm.name for lm, idx in zip(lms, indices) if idx.numel() == 0]
+    if starved:
+        warnings.warn(
+            f"select: {len(starved)} of {len(lms)} targeted matrices got no weights ({strategy}, "
+            f"e.g. {starved[:3]}); pass min_per_matrix=N to give each at least N",
+            stacklevel=2,
+        )
 
     R = matrix_importance(norms)
     w = R * mult
@@ -231,6 +277,10 @@ def select(
         direction=direction,
         method=method,
         rank=None if rank is None else int(rank),
+        score=score,
+        random_share=rho,
+        seed=seed,
+        min_per_matrix=floor,
     )
 
 
@@ -252,12 +302,26 @@ def _bar(items: Sequence, desc: str, progress: bool):
     return tqdm(items, desc=desc, unit="matrix", disable=not progress, leave=False)
 
 
-def _select_per_matrix(lms, sizes, total, mult, method, rank, progress):
+class _How:
+    """Within-matrix settings shared by both strategies."""
+
+    def __init__(self, score: str, rho: float, seed: int, floor: int, method: str, rank: int | None) -> None:
+        self.score, self.rho, self.seed, self.floor, self.method, self.rank = score, rho, seed, floor, method, rank
+
+    def values(self, W: torch.Tensor, name: str) -> tuple[torch.Tensor, float]:
+        return score_matrix(W, self.score, name=name, seed=self.seed, method=self.method, rank=self.rank)
+
+    def generator(self, name: str) -> torch.Generator:
+        # A different stream from the `random` score's (which uses `seed` itself).
+        return matrix_generator(self.seed + 1_000_003, name)
+
+
+def _select_per_matrix(lms, sizes, total, mult, how, progress):
     n = len(lms)
     norms = np.array(
         [float(torch.linalg.vector_norm(as_matrix(lm.load(), lm.name))) for lm in _bar(lms, "frog norms", progress)]
     )
-    k = allocate(matrix_importance(norms) * mult, sizes, total)
+    k = allocate(matrix_importance(norms) * mult, sizes, total, minimum=how.floor)
     energies = np.full(n, np.nan)
     sums = np.zeros(n)
     indices: list[torch.Tensor] = []
@@ -267,22 +331,34 @@ def _select_per_matrix(lms, sizes, total, mult, method, rank, progress):
             indices.append(torch.zeros(0, dtype=torch.int64))
             scores.append(torch.zeros(0))
             continue
-        S, energies[i] = relevance_2d(as_matrix(lm.load(), lm.name), rank=rank, method=method)
-        S = S.reshape(-1)
-        sel = topk_flat(S, int(k[i]))
+        V, energies[i] = how.values(as_matrix(lm.load(), lm.name), lm.name)
+        sel = pick(V, int(k[i]), balanced=how.score == "balanced", random_share=how.rho,
+                   generator=how.generator(lm.name))
         indices.append(sel)
-        scores.append(S[sel])
+        scores.append(V.reshape(-1)[sel])
         sums[i] = float(scores[-1].sum())
-        del S
+        del V
         _release_memory()
     return norms, energies, indices, scores, sums
 
 
-def _select_global(lms, sizes, total, mult, method, rank, progress):
+def _select_global(lms, sizes, total, mult, how, progress):
     n = len(lms)
     norms = np.zeros(n)
     energies = np.zeros(n)
-    # Running pool of the best `total` candidates so far, kept in concatenation order.
+    # Random share: spread over the matrices in proportion to their sizes.
+    n_rand = int(np.floor(how.rho * total + 0.5))
+    k_rand = allocate(sizes.astype(np.float64), sizes, n_rand) if n_rand else np.zeros(n, dtype=np.int64)
+    fixed: list[torch.Tensor] = []  # per matrix: random entries + floor entries (always selected)
+    fixed_val: list[torch.Tensor] = []
+    floors = np.minimum(sizes - k_rand, how.floor)
+    pool_total = total - n_rand - int(floors.sum())
+    if pool_total < 0:
+        raise ValueError(
+            f"select: min_per_matrix {how.floor} plus random_share {how.rho} need more than the "
+            f"{total:,} weights of the budget"
+        )
+    # Running pool of the best `pool_total` candidates so far, kept in concatenation order.
     pool_raw = torch.zeros(0, dtype=torch.float64)
     pool_val = torch.zeros(0, dtype=torch.float64)
     pool_mat = torch.zeros(0, dtype=torch.int32)
@@ -290,25 +366,35 @@ def _select_global(lms, sizes, total, mult, method, rank, progress):
     for i, lm in enumerate(_bar(lms, "frog select", progress)):
         W = as_matrix(lm.load(), lm.name)
         norms[i] = float(torch.linalg.vector_norm(W))
-        S, energies[i] = relevance_2d(W, rank=rank, method=method)
+        S, energies[i] = how.values(W, lm.name)
         del W
         raw = S.reshape(-1)
         val = raw * float(mult[i])
-        cand = topk_flat(val, min(total, raw.numel()))
+        base = pick(S, int(k_rand[i] + floors[i]), random_share=k_rand[i] / max(k_rand[i] + floors[i], 1),
+                    generator=how.generator(lm.name)) if k_rand[i] + floors[i] else torch.zeros(0, dtype=torch.int64)
+        fixed.append(base)
+        fixed_val.append(raw[base])
+        if base.numel():
+            val = val.clone()
+            val[base] = -math.inf
+        cand = topk_flat(val, min(pool_total, raw.numel() - base.numel()))
         pool_raw = torch.cat([pool_raw, raw[cand]])
         pool_val = torch.cat([pool_val, val[cand]])
         pool_mat = torch.cat([pool_mat, torch.full((cand.numel(),), i, dtype=torch.int32)])
         pool_idx = torch.cat([pool_idx, cand])
         del S, raw, val
-        if pool_val.numel() > total:
-            keep = topk_flat(pool_val, total)
+        if pool_val.numel() > pool_total:
+            keep = topk_flat(pool_val, pool_total)
             pool_raw, pool_val, pool_mat, pool_idx = (t[keep] for t in (pool_raw, pool_val, pool_mat, pool_idx))
         _release_memory()
     indices, scores = [], []
     sums = np.zeros(n)
     for i in range(n):
         sel = pool_mat == i
-        indices.append(pool_idx[sel])
-        scores.append(pool_raw[sel])
-        sums[i] = float(pool_raw[sel].sum())
+        idx = torch.cat([fixed[i], pool_idx[sel]])
+        val = torch.cat([fixed_val[i], pool_raw[sel]])
+        order = torch.argsort(idx)
+        indices.append(idx[order])
+        scores.append(val[order])
+        sums[i] = float(val.sum())
     return norms, energies, indices, scores, sums

@@ -1,0 +1,163 @@
+"""Task 4 — real text, real labels: which standard-library package a docstring comes from (MiniLM).
+
+The text is the docstrings of the functions, methods and classes of nine packages of the Python
+standard library installed with the interpreter (``sysconfig.get_paths()["stdlib"]``), read with
+``ast`` (nothing is imported or executed): ``asyncio``, ``email``, ``idlelib``, ``importlib``,
+``logging``, ``multiprocessing``, ``tkinter``, ``unittest``, ``xml``. Label = the package. Nobody
+here wrote the text; it is on every machine that has Python (the exact set depends on the Python
+version; the benchmark records it and the class counts). ``test`` sub-packages are skipped.
+
+Each docstring is cut to its first paragraph, whitespace-normalised, kept if it has at least
+6 words, and truncated to :data:`MAX_TOKENS` tokens. At most :data:`PER_CLASS` per package.
+
+**Splits** (fixed, independent of the run seed): duplicate texts dropped, per package the
+docstrings are shuffled with a fixed seed, :data:`PER_CLASS` kept and split 60 / 15 / 25 % into
+train / val / test; val and test are then capped at :data:`N_VAL` / :data:`N_TEST`. (A split by
+source file was tried first; a few large files such as ``tkinter/__init__.py`` hold most of a
+package's docstrings, so whole packages went missing from val or test.) Docstrings of sibling
+methods can be near-duplicates across splits; every method sees the same splits, so the
+comparison stays fair, but absolute accuracy is optimistic.
+
+Model, head, targets and the knowledge-kept metric (``source_metric``: Spearman of the pairwise
+cosine similarities of 48 unrelated general sentences, pretrained vs fine-tuned) are those of
+:mod:`tasks_minilm`; the head has 9 outputs. ``target_metric`` = test accuracy.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import random
+import re
+import sysconfig
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+
+from tasks_minilm import SIMILARITY_SENTENCES, SentenceClassifier, _pair_cosines, _pretrained_encoder, _tokenizer
+from train import Problem
+
+__all__ = ["PACKAGES", "build_splits", "make_problem"]
+
+PACKAGES = ("asyncio", "email", "idlelib", "importlib", "logging", "multiprocessing", "tkinter", "unittest", "xml")
+PER_CLASS = 160
+MIN_WORDS = 6
+MAX_TOKENS = 32
+N_VAL, N_TEST = 135, 270
+BATCH = 8
+STEPS = int(os.environ.get("FROGWATCH_PYDOC_STEPS", "300"))  # run.py --pydoc-steps sets it
+
+
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            para = re.sub(r"\s+", " ", doc.strip().split("\n\n")[0]).strip()
+            if len(para.split()) >= MIN_WORDS:
+                out.append(para)
+    return out
+
+
+@lru_cache(maxsize=1)
+def build_splits() -> dict[str, list[tuple[str, int]]]:
+    """``{"train"|"val"|"test": [(text, label), ...]}`` (fixed, independent of the run seed)."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    rng = random.Random(2024)
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    seen: set[str] = set()
+    for label, pkg in enumerate(PACKAGES):
+        docs = []
+        for f in sorted((lib / pkg).rglob("*.py")):
+            if "test" in f.relative_to(lib / pkg).parts[:-1] or f.name.startswith("test_"):
+                continue
+            for d in _docstrings(f):
+                if d not in seen:  # a text in two packages or twice would leak across splits
+                    seen.add(d)
+                    docs.append(d)
+        rng.shuffle(docs)
+        docs = docs[:PER_CLASS]
+        a, b = int(0.6 * len(docs)), int(0.75 * len(docs))
+        splits["train"] += [(d, label) for d in docs[:a]]
+        splits["val"] += [(d, label) for d in docs[a:b]]
+        splits["test"] += [(d, label) for d in docs[b:]]
+    for part, cap in (("val", N_VAL), ("test", N_TEST)):
+        if len(splits[part]) > cap:
+            splits[part] = random.Random(7).sample(splits[part], cap)
+    return splits
+
+
+def class_counts() -> dict[str, dict[str, int]]:
+    """Docstrings per package and split (for the results file)."""
+    s = build_splits()
+    return {part: {PACKAGES[k]: v for k, v in sorted(Counter(lab for _, lab in s[part]).items())} for part in s}
+
+
+def _encode(texts: list[str]) -> dict[str, torch.Tensor]:
+    b = _tokenizer()(texts, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS)
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def _embeddings(model: SentenceClassifier, texts: list[str], bs: int = 64) -> torch.Tensor:
+    return torch.cat([model.embed(**_encode(texts[i:i + bs])) for i in range(0, len(texts), bs)])
+
+
+def _classify(model: nn.Module, data: list[tuple[str, int]], bs: int = 64) -> tuple[float, float]:
+    logits = torch.cat([model(**_encode([s for s, _ in data[i:i + bs]])) for i in range(0, len(data), bs)])
+    y = torch.tensor([lab for _, lab in data])
+    return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+
+def make_problem(seed: int, quick: bool = False) -> Problem:
+    splits = build_splits()
+    torch.manual_seed(50_000 + seed)
+    model = SentenceClassifier(copy.deepcopy(_pretrained_encoder()), n_classes=len(PACKAGES)).eval()
+    with torch.no_grad():
+        ref_cos = _pair_cosines(_embeddings(model, SIMILARITY_SENTENCES)).numpy()
+    train = splits["train"]
+    val = splits["val"][:45] if quick else splits["val"]
+    test = splits["test"][:90] if quick else splits["test"]
+    modules = dict(model.named_modules())
+    targets = [n for n, m in modules.items() if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)]
+
+    def train_batch(gen: torch.Generator):
+        idx = torch.randint(len(train), (BATCH,), generator=gen).tolist()
+        batch = _encode([train[i][0] for i in idx])
+        batch["labels"] = torch.tensor([train[i][1] for i in idx])
+        return batch
+
+    def loss(m: nn.Module, batch) -> torch.Tensor:
+        return F.cross_entropy(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
+
+    def evaluate(m: nn.Module) -> dict:
+        val_acc, val_loss = _classify(m, val)
+        test_acc, _ = _classify(m, test)
+        cos = _pair_cosines(_embeddings(m, SIMILARITY_SENTENCES)).numpy()
+        return {"val_metric": val_acc, "val_loss": val_loss, "target_metric": test_acc,
+                "source_metric": float(spearmanr(ref_cos, cos).statistic)}
+
+    return Problem(
+        task="pydoc",
+        model=model,
+        targets=targets,
+        train_batch=train_batch,
+        loss=loss,
+        evaluate=evaluate,
+        higher_is_better=True,
+        steps=30 if quick else STEPS,
+        lr_grid={"sparse": [1e-2, 3e-2], "lora": [1e-3, 3e-3], "full": [3e-5, 1e-4], "head": [1e-2, 3e-2]},
+        always_trainable=("head.",),
+        head_lr=3e-3,
+    )
