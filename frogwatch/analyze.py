@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from typing import Any, Callable, Iterable, Sequence
@@ -392,22 +393,15 @@ def analyze(
         from .diagnostics.mp import mp_fit_hook
 
         hooks.append(mp_fit_hook())
-    if detX:
-        from .diagnostics.detx import detx_hook
-
-        hooks.append(detx_hook())
-    if vectors:
-        from .diagnostics.vectors import vectors_hook
-
-        hooks.append(vectors_hook(device=dev))
-    if tail_tests:
-        from .diagnostics.tail_tests import tail_tests_hook
-
-        hooks.append(tail_tests_hook())
-    if farms:
-        from .diagnostics.farms import farms_hook
-
-        hooks.append(farms_hook(fit=fit, fix_fingers=fix_fingers, method=method, device=dev))
+    optional = (  # (on, module under diagnostics/, how to make its hook)
+        (detX, "detx", lambda m: m.detx_hook()),
+        (vectors, "vectors", lambda m: m.vectors_hook(device=dev)),
+        (tail_tests, "tail_tests", lambda m: m.tail_tests_hook()),
+        (farms, "farms", lambda m: m.farms_hook(fit=fit, fix_fingers=fix_fingers, method=method, device=dev)),
+    )  # fmt: skip
+    for on, module, make in optional:
+        if on:
+            hooks.append(make(importlib.import_module(f".diagnostics.{module}", __package__)))
     if savefig is not None:
         from .esd_figures import esd_figure_hook
 

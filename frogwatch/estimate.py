@@ -3,7 +3,7 @@
 The time model is ``seconds = rf * (g * M^2 * N + e * M^3)`` per matrix, with the Gram rate ``g``
 and the eigensolver rate ``e`` measured once per process on a 512-wide matrix (about 0.1 s), on
 the CPU with one BLAS thread or on the device. It is a rough guide (large matrices run BLAS more
-efficiently; a busy machine runs slower), not a promise; BENCHMARKS.md §6 compares it with runs.
+efficiently; a busy machine runs slower), not a promise; BENCHMARKS.md §9 compares it with runs.
 
 Memory per matrix on the CPU path: the tensor as stored, one converted block of rows, and the
 M x M Gram matrix with the eigensolver's copy. On a torch device: the matrix in float64, its Gram

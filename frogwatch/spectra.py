@@ -111,7 +111,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
 # --------------------------------------------------------------------------------------------
 
 BLOCK_BYTES = 16 * 2**20  # one converted block of rows; the whole matrix is never copied to fp64
-TWO_STAGE_MIN_M = 3072  # two-stage tridiagonalisation wins from here (BENCHMARKS.md §6)
+TWO_STAGE_MIN_M = 3072  # two-stage tridiagonalisation wins from here (BENCHMARKS.md §9)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 EPS64 = float(np.finfo(np.float64).eps)
 

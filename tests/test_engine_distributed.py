@@ -105,6 +105,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype) -> None
             torch.save({"deltas": d, "frozen_ok": frozen_ok, "n_sharded": len(sharded),
                         "n_params": len(list(model.parameters()))},
                        os.path.join(out_dir, "fsdp.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
 
@@ -127,6 +128,7 @@ def _accelerate_worker(rank: int, port: int, out_dir: str) -> None:
         dist.all_gather(gathered, d)
         if rank == 0:
             torch.save({"deltas": gathered}, os.path.join(out_dir, "accelerate.pt"))
+        dist.barrier()
     finally:
         acc.end_training()
         if dist.is_initialized():

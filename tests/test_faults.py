@@ -216,7 +216,7 @@ def test_save_delta_keeps_the_old_file(tmp_path, monkeypatch, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_report_keeps_the_old_files(tmp_path, monkeypatch, kind):
     # frogwatch.report is shadowed by the submodule once anything imports frogwatch.report
-    from frogwatch.report import report
+    from frogwatch.html_report import report
 
     model = _mlp()
     out = tmp_path / "report"

@@ -141,6 +141,7 @@ def test_torch_path_on_cpu_equals_lapack_path(tiny_llama, minilm_df, minilm_sess
         np.testing.assert_allclose(t["lambda_max"], ref["lambda_max"], rtol=1e-9)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_path_equals_lapack_path(minilm_session, minilm_df):
     t = analyze(minilm_session, device="cuda", progress=False)

@@ -241,8 +241,9 @@ def test_select_rank_and_method_are_honoured():
     model = nn.Sequential(nn.Linear(20, 16))
     W = model[0].weight.detach().double().numpy()
     k = 30
-    full = frogwatch.select(model, k, targets=["0"], progress=False)
-    r2 = frogwatch.select(model, k, targets=["0"], rank=2, progress=False)
+    # score="relevance": the plain top-k of S, which the brute-force reference computes
+    full = frogwatch.select(model, k, targets=["0"], score="relevance", progress=False)
+    r2 = frogwatch.select(model, k, targets=["0"], rank=2, score="relevance", progress=False)
     np.testing.assert_array_equal(full.indices("0").numpy(), _topk(_rank_q_relevance(W, 16), k))
     np.testing.assert_array_equal(r2.indices("0").numpy(), _topk(_rank_q_relevance(W, 2), k))
     assert not torch.equal(full.indices("0"), r2.indices("0"))

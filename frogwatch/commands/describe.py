@@ -30,7 +30,7 @@ def run(args) -> int:
     est = df.attrs["estimate"]
     print(f"estimate on {est['device']} with {est['workers']} worker(s): about "
           f"{est['wall_seconds']:.0f} s, peak memory about {est['peak_memory_mb']:.0f} MB above "
-          "the process's own (rough: measured rates of a small matrix, BENCHMARKS.md §6)")  # fmt: skip
+          "the process's own (rough: measured rates of a small matrix, BENCHMARKS.md §9)")  # fmt: skip
     too_big = df.loc[df["analyzed"] & ~df["fits_device"], "name"]
     for name in too_big:
         print(f"would not fit {args.device}: {name}")
