@@ -63,7 +63,7 @@ _LAZY = {
     "LayerSelector": "frogwatch.analyze",
     "CorrelationFlow": "frogwatch.diagnostics.flow",
     # WeightWatcher parity and beyond
-    "distances": "frogwatch.distances",
+    "distances": "frogwatch.model_distances",
     "svd_smoothing": "frogwatch.smoothing",
     "analyze_adapters": "frogwatch.adapters",
 }

@@ -79,3 +79,15 @@ def test_distances_lists_mismatched_and_cli(mlp, tmp_path):
     assert out.exists()
     with pytest.raises(TypeError, match="distances: k must be an int"):
         frogwatch.distances(mlp, mlp, k=2.5)
+
+
+def test_package_attribute_stays_the_function_after_the_cli_imports_its_module(convnet):
+    # a submodule named like a public function would replace it on the package once imported
+    import frogwatch.commands.distances as cmd
+
+    cmd.add_parser  # the CLI's module is loaded, and it imports the function's module
+    from frogwatch.model_distances import distances as fn
+
+    assert frogwatch.distances is fn and callable(frogwatch.distances)
+    for name in ("report", "distances", "select", "prepare", "merge", "compare", "analyze"):
+        assert callable(getattr(frogwatch, name)), name

@@ -18,7 +18,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..distances import distances
+    from ..model_distances import distances
 
     df = distances(args.a, args.b, k=args.k, progress=not args.quiet)
     if not args.quiet:
