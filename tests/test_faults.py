@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -262,11 +263,21 @@ def test_ctrl_c_during_cli_analyze_exits_cleanly(tmp_path):
     save_file({f"layer.{i}.weight": _rand(600, 600, seed=i) for i in range(48)}, str(src))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.Popen([sys.executable, "-m", "frogwatch.cli", "analyze", str(src), "--out", str(out)],
+    # Each layer's fit is slowed by 0.5 s so that a fast machine is still mid-analyze when the
+    # signal comes (the CLI itself runs unchanged: main() with the same arguments).
+    slow_cli = (
+        "import sys, time, frogwatch.analyze\n"
+        "a = sys.modules['frogwatch.analyze']  # the module; frogwatch.analyze is the function\n"
+        "fit = a.fit_power_law\n"
+        "a.fit_power_law = lambda *x, **k: (time.sleep(0.5), fit(*x, **k))[1]\n"
+        "from frogwatch.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", slow_cli, "analyze", str(src), "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     err = b""
     deadline = time.monotonic() + 300
-    while b"1/48" not in err:  # the progress bar shows the first layer done: mid-analyze
+    while not re.search(rb"[1-9]\d*/48", err):  # the progress bar shows a layer done: mid-analyze
         chunk = os.read(p.stderr.fileno(), 4096)
         assert chunk, "analyze ended before it was interrupted: " + err.decode(errors="replace")
         err += chunk
