@@ -120,16 +120,7 @@ def _fit_pl(x: np.ndarray) -> PowerLawFit:
     i = int(np.argmin(Ds))  # first minimum, as numpy's argmin
     if not np.isfinite(alphas[i]) or alphas[i] <= 1.0:
         return PowerLawFit.failed("degenerate spectrum: no tail with alpha > 1")
-    n_tail = n - i
-    alpha = float(alphas[i])
-    return PowerLawFit(
-        alpha=alpha,
-        xmin=float(x[i]),
-        xmax=float(x[-1]),
-        D=float(Ds[i]),
-        sigma=(alpha - 1.0) / math.sqrt(n_tail),
-        num_pl_spikes=int(n_tail),
-    )
+    return _fit_at(x, alphas, Ds, i)
 
 
 def _fit_tpl(x: np.ndarray, pl: PowerLawFit) -> PowerLawFit:
@@ -199,15 +190,7 @@ def _fit_pl_peak(x: np.ndarray) -> PowerLawFit:
         return PowerLawFit.failed("xmin_peak: no candidate tail gives alpha > 1")
     cand = cand[ok]
     i = int(cand[np.argmin(Ds[cand])])
-    alpha, n_tail = float(alphas[i]), n - i
-    return PowerLawFit(
-        alpha=alpha,
-        xmin=float(x[i]),
-        xmax=float(x[-1]),
-        D=float(Ds[i]),
-        sigma=(alpha - 1.0) / math.sqrt(n_tail),
-        num_pl_spikes=int(n_tail),
-    )
+    return _fit_at(x, alphas, Ds, i)
 
 
 def _clip_fingers(
@@ -282,3 +265,16 @@ def fit_power_law(
         x_fit = x[: x.size - result.num_fingers] if result.num_fingers else x
         return _fit_tpl(x_fit, result)
     return result
+
+
+def _fit_at(x: np.ndarray, alphas: np.ndarray, Ds: np.ndarray, i: int) -> PowerLawFit:
+    """The fit whose tail starts at the i-th of the sorted eigenvalues ``x`` (n_tail = len(x) - i)."""
+    alpha, n_tail = float(alphas[i]), len(x) - i
+    return PowerLawFit(
+        alpha=alpha,
+        xmin=float(x[i]),
+        xmax=float(x[-1]),
+        D=float(Ds[i]),
+        sigma=(alpha - 1.0) / math.sqrt(n_tail),
+        num_pl_spikes=int(n_tail),
+    )
