@@ -380,10 +380,8 @@ def _path_matrices(path: Path) -> list[LayerMatrix]:
         from .gguf_source import gguf_matrices
 
         return gguf_matrices(path)
-    raise SourceError(
-        f"{path}: unsupported file type; expected .safetensors, .safetensors.index.json, "
-        ".bin, .pt, .pth, .gguf or a model directory"
-    )
+    raise SourceError(f"{path}: unsupported file type; expected .safetensors, "
+                      ".safetensors.index.json, .bin, .pt, .pth, .gguf or a model directory")
 
 
 def _read_matrices(model: Any) -> list[LayerMatrix]:
