@@ -284,8 +284,8 @@ def analyze(
     ----------
     model : nn.Module, state dict, path or ResolvedSource
         Anything :func:`frogwatch.sources.layer_matrices` reads: a module, a state dict, a
-        ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint
-        or a Hugging Face model directory; or a source already resolved by
+        ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint,
+        a ``.gguf`` file or a Hugging Face model directory; or a source already resolved by
         :func:`frogwatch.sources.resolve_source`, or the ``df.attrs["frogwatch"]`` of an earlier
         table (its headers are not read again).
     layers : list of int / str, or callable, optional

@@ -220,12 +220,16 @@ def _cli_error(capsys, argv) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header-only", "text", "empty"])
-def test_damaged_gguf_is_a_one_line_error(llama_files, tmp_path, capsys, damage):
+@pytest.mark.parametrize("damage", ["truncated", "header-only", "text", "empty", "safetensors"])
+def test_damaged_gguf_is_a_one_line_error(llama, llama_files, tmp_path, capsys, damage):
+    from safetensors.torch import save
+
     data = llama_files[Q.Q8_0][0].read_bytes()
     bad = tmp_path / "bad.gguf"
     bad.write_bytes({"truncated": data[: len(data) - 100], "header-only": data[:40],
-                     "text": b"this is not a gguf file\n" * 20, "empty": b""}[damage])  # fmt: skip
+                     "text": b"this is not a gguf file\n" * 20, "empty": b"",
+                     "safetensors": save({k: v.contiguous() for k, v in llama.state_dict().items()})
+                     }[damage])  # fmt: skip
     with pytest.raises(SourceError, match="not a readable GGUF file"):
         layer_matrices(bad)
     for cmd in ("analyze", "describe"):
