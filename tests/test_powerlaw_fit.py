@@ -275,8 +275,12 @@ def test_tied_tail_values_fit_without_runtime_warnings():
         assert fit_power_law(ev).status == "success"
 
 
-def test_failed_fit_fields():
+def test_failed_fit_fields_and_reasons():
+    # n >= 20: every tail of a constant spectrum has alpha = inf
     fit = fit_power_law(np.ones(40))
     assert fit.status == "failed" and fit.num_pl_spikes == 0 and fit.num_fingers == 0
+    assert fit.reason == "degenerate spectrum: no tail with alpha > 1"
     for field in ("alpha", "xmin", "xmax", "D", "sigma", "Lambda"):
         assert math.isnan(getattr(fit, field)), field
+    # n < 20 (bias-corrected fit): no candidate tail qualifies at all
+    assert fit_power_law(np.ones(12)).reason == "no candidate tail gives a valid power law (degenerate spectrum)"
