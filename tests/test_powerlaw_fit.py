@@ -155,6 +155,25 @@ def test_xmin_peak_matches_powerlaw_with_the_capped_xmin_range(seed, scale):
     assert ours.xmin < 1.5 * brute_esd_peak(ev) < plain.xmin  # the cap changes the fit here
 
 
+def test_xmin_peak_caps_xmin_just_above_one_and_a_half_peaks():
+    rng = np.random.default_rng(0)
+    # a narrow bulk at 1 and a tail from 2: the plain fit's xmin is 2.07 x the peak, above the cap
+    ev = np.concatenate([np.exp(0.05 * rng.standard_normal(300)), 2 * (1 + rng.pareto(1.5, 150))])
+    peak = brute_esd_peak(ev)
+    assert 1.5 * peak < fit_power_law(ev).xmin < 2.5 * peak
+    ours, ref = fit_power_law(ev, fix_fingers="xmin_peak"), xmin_peak_reference(ev)
+    assert ours.xmin == pytest.approx(ref.xmin, rel=1e-12) and ours.xmin < 1.5 * peak
+    assert ours.alpha == pytest.approx(ref.alpha, rel=1e-10)
+
+
+def test_xmin_peak_with_exactly_two_candidates():
+    # distinct values below 1.5 x peak (= 1.0): 1.0, 1.2, 1.3; the largest is dropped, two remain
+    ev = np.array([1.0] * 30 + [1.2] * 30 + [1.3, 5.0, 50.0, 500.0])
+    ours, ref = fit_power_law(ev, fix_fingers="xmin_peak"), xmin_peak_reference(ev)
+    assert ours.status == "success" and ours.xmin == ref.xmin == 1.0
+    assert ours.alpha == pytest.approx(ref.alpha, rel=1e-10)
+
+
 def test_esd_peak_is_the_left_edge_of_the_fullest_log_bin():
     from frogwatch.powerlaw_fit import esd_peak
 
@@ -171,6 +190,7 @@ def test_esd_peak_is_the_left_edge_of_the_fullest_log_bin():
         (np.array([1.0, 2.0]), "too few eigenvalues above 1e-05 (2)"),
         (np.array([1.0, 1.0, 1.0, 5.0, 9.0]), "xmin_peak: fewer than 2 candidate xmin below 1.5 x peak"),
         (np.full(30, 2.0), "xmin_peak: fewer than 2 candidate xmin"),
+        (np.array([1.0, 1.1, 5.0]), "xmin_peak: fewer than 2 candidate xmin"),
     ],
 )
 def test_xmin_peak_failures_say_why(evals, why):
@@ -189,10 +209,13 @@ def tpl_reference(x, xmin):
                             parameter_ranges={"alpha": [0.0, 100.0]}).truncated_power_law  # fmt: skip
 
 
-def test_tpl_fits_above_the_xmin_peak_xmin_with_alpha_above_three():
+@pytest.mark.parametrize("tail_shape", [2.0, 3.5])
+def test_tpl_fits_above_the_power_law_xmin(tail_shape):
     rng = np.random.default_rng(0)
-    # a steep Pareto tail (alpha ~ 4.5) above a gamma bulk: powerlaw's default range caps alpha at 3
-    ev = np.concatenate([rng.gamma(4, 0.25, 300), 5 * (1 + rng.pareto(3.5, 200))])
+    # a Pareto tail from 5 above a gamma bulk peaking near 0.6; with tail_shape 3.5 the TPL alpha
+    # is above 3, where powerlaw's default range would cap it
+    ev = np.concatenate([rng.gamma(4, 0.25, 300), 5 * (1 + rng.pareto(tail_shape, 200))])
+    xmins = []
     for fix in (None, "xmin_peak"):
         pl = fit_power_law(ev, fix_fingers=fix)
         tpl = fit_power_law(ev, fit="TPL", fix_fingers=fix)
@@ -202,7 +225,11 @@ def test_tpl_fits_above_the_xmin_peak_xmin_with_alpha_above_three():
         assert tpl.alpha == pytest.approx(ref.alpha, rel=1e-9) and tpl.Lambda == pytest.approx(ref.Lambda, rel=1e-9)
         assert tpl.D == pytest.approx(ref.D, rel=1e-9)
         assert tpl.sigma == pytest.approx((tpl.alpha - 1) / math.sqrt(pl.num_pl_spikes), rel=1e-12)
-    assert fit_power_law(ev, fit="TPL").alpha > 3
+        xmins.append(pl.xmin)
+    if tail_shape == 2.0:
+        assert xmins[1] < xmins[0]  # xmin_peak's TPL starts at its own, lower xmin
+    else:
+        assert fit_power_law(ev, fit="TPL").alpha > 3
 
 
 def test_tpl_after_clip_xmax_fits_without_the_fingers():
