@@ -207,3 +207,14 @@ def test_topk_flat_all_and_none():
         with pytest.raises(ValueError) as e:
             topk_flat(v, k)
         assert str(e.value) == f"k must be in [0, 4], got {k}"
+
+
+def test_allocate_minimum_floor_counts_against_each_matrix_size():
+    # floors [3, 3] leave room [1, 7]; the 4 left split 2 : 2, matrix 0 caps at 1, its extra goes on
+    assert allocate([1.0, 1.0], [4, 10], 10, minimum=3).tolist() == [4, 6]
+    assert allocate([1.0, 1.0], [5, 5], 4, minimum=2).tolist() == [2, 2]  # floors use the whole total
+
+
+def test_allocate_flattens_column_inputs():
+    k = allocate(np.array([[1.0], [3.0]]), np.array([[10], [10]]), 8)  # e.g. df[["R"]].to_numpy()
+    assert k.shape == (2,) and k.tolist() == [2, 6]
