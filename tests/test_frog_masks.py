@@ -196,3 +196,58 @@ def test_shira_config_helper_and_resize():
         assert not ((after[n] != before[n]) & ~uneven[n]).any()
     with pytest.raises(MaskMismatchError, match="did not select"):
         masks.to_shira_mask_fn(model)(nn.Linear(8, 8), 1)
+
+
+# ---- Masks.from_indices, constructor and file errors (edges found by benchmarks/mutation.py) -----
+
+
+def test_from_indices_builds_masks_in_the_order_of_shapes():
+    idx = {"b": torch.tensor([0, 5]), "a": torch.tensor([1, 2, 7])}
+    shapes = {"a": [2, 4], "b": (3, 2)}  # shapes' order is the masks' order
+    m = Masks.from_indices(idx, shapes, scores={"a": torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64)},
+                           kinds={"b": "conv1d"}, budget=5)  # fmt: skip
+    assert list(m) == ["a", "b"] and m.counts() == {"a": 3, "b": 2}
+    assert m["a"].shape == (2, 4) and torch.equal(torch.nonzero(m["a"].reshape(-1)).reshape(-1), idx["a"])
+    assert m["b"].tolist() == [[True, False], [False, False], [False, True]]
+    a, b = m.info("a"), m.info("b")
+    assert (a.kind, b.kind) == ("dense", "conv1d") and (a.shape, b.shape) == ((2, 4), (3, 2))
+    assert all(type(s) is int for s in a.shape)
+    for info in (a, b):
+        for field in ("R", "importance", "alpha", "energy", "score_sum"):
+            assert math.isnan(getattr(info, field)), field
+        assert info.multiplier == 1.0
+    assert torch.equal(m.scores("a"), torch.tensor([0.5, 0.25, 2.0]))  # stored as float32
+    assert m.scores("b").shape == (2,) and torch.isnan(m.scores("b")).all()  # unknown: NaN
+    assert m.meta["strategy"] == "from_indices" and m.meta["budget"] == 5
+    assert Masks.from_indices(idx, shapes, strategy="delta").meta["strategy"] == "delta"
+    assert torch.isnan(Masks.from_indices(idx, shapes).scores("a")).all()
+    with pytest.raises(ValueError) as e:
+        Masks.from_indices({"a": idx["a"]}, shapes)
+    assert str(e.value) == "Masks.from_indices: indices and shapes must name the same matrices"
+
+
+def test_constructor_messages():
+    from frogwatch.frog.masks import MaskInfo
+
+    info = MaskInfo("a", "dense", (2, 3), R=1.0, importance=1.0)
+    cases = [
+        (([info], [], []), "infos, indices and scores must have one entry per matrix"),
+        (([info, info], [torch.tensor([1])] * 2, [torch.ones(1)] * 2), "duplicate matrix name 'a'"),
+        (([info], [torch.tensor([1])], [torch.ones(2)]), "a: 1 indices but 2 scores"),
+        (([info], [torch.tensor([-1, 2])], [torch.ones(2)]), "a: indices must be sorted, unique and in [0, 6)"),
+        (([info], [torch.tensor([2, 2])], [torch.ones(2)]), "a: indices must be sorted, unique and in [0, 6)"),
+        (([info], [torch.tensor([0, 6])], [torch.ones(2)]), "a: indices must be sorted, unique and in [0, 6)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as e:
+            Masks(*args)
+        assert str(e.value) == message
+    huge = MaskInfo("h", "dense", (2**16, 2**15), R=1.0, importance=1.0)  # 2**31 entries
+    with pytest.raises(ValueError) as e:
+        Masks([huge], [torch.tensor([0])], [torch.ones(1)])
+    assert str(e.value) == "h: 2147483648 entries exceed int32 flat indices"
+    # edge indices 0 and size - 1 are valid; no selection at all is valid
+    m = Masks([info, MaskInfo("e", "dense", (1, 1), 0.0, 0.0)], [torch.tensor([0, 5]), torch.tensor([], dtype=torch.long)],
+              [torch.ones(2), torch.ones(0)])  # fmt: skip
+    assert m.counts() == {"a": 2, "e": 0} and m.n_selected == 2 and m.n_total == 7
+    assert not m["e"].any()
