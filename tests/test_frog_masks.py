@@ -251,3 +251,79 @@ def test_constructor_messages():
               [torch.ones(2), torch.ones(0)])  # fmt: skip
     assert m.counts() == {"a": 2, "e": 0} and m.n_selected == 2 and m.n_total == 7
     assert not m["e"].any()
+
+
+def _two_masks(**meta):
+    from frogwatch.frog.masks import MaskInfo
+
+    infos = [MaskInfo("a", "dense", (2, 3), R=np.float32(0.75), importance=0.75),  # numpy floats too
+             MaskInfo("e", "dense", (1, 1), R=0.25, importance=0.25)]  # fmt: skip
+    return Masks(infos, [torch.tensor([0, 5]), torch.tensor([0])], [torch.tensor([2.0, 1.0]), torch.ones(1)],
+                 **{"strategy": "global", **meta})  # fmt: skip
+
+
+def test_equality_needs_equal_meta_records_indices_and_scores():
+    from dataclasses import replace
+
+    m = _two_masks()
+    assert m == _two_masks() and m != "masks"
+    assert m != _two_masks(budget=3)  # meta
+    infos = [replace(m.info("a"), R=0.5), m.info("e")]
+    idx = [m.indices("a"), m.indices("e")]
+    sc = [m.scores("a"), m.scores("e")]
+    assert m != Masks(infos, idx, sc, strategy="global")  # records
+    assert m != Masks([m.info("a"), m.info("e")], [torch.tensor([0, 4]), idx[1]], sc, strategy="global")
+    assert m != Masks([m.info("a"), m.info("e")], idx, [torch.tensor([2.0, 0.5]), sc[1]], strategy="global")
+
+
+def test_repr_counts_and_share():
+    assert repr(_two_masks()) == "Masks(2 matrices, 3 of 7 weights (42.86%), strategy='global')"
+    from frogwatch.frog.masks import MaskInfo
+
+    one = Masks([MaskInfo("x", "dense", (1, 1), 1.0, 1.0)], [torch.tensor([0])], [torch.ones(1)], strategy="s")
+    assert repr(one) == "Masks(1 matrices, 1 of 1 weights (100.00%), strategy='s')"
+
+
+def test_numpy_float_records_survive_save_and_load(tmp_path):
+    m = _two_masks()
+    loaded = Masks.load(m.save(tmp_path / "m.safetensors"))
+    assert loaded == m and loaded.info("a").R == 0.75
+
+
+def _rewrite(path, out, **metadata):
+    with safe_open(str(path), framework="pt") as f:
+        md = {**f.metadata(), **metadata}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out), metadata={k: v for k, v in md.items() if v is not None})
+    return out
+
+
+def test_load_errors_name_the_file_and_the_cause(tmp_path):
+    good = _two_masks().save(tmp_path / "good.safetensors")
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError) as e:
+        Masks.load(missing)
+    assert str(e.value) == f"{missing}: no such masks file"
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(plain))
+    with pytest.raises(ValueError) as e:
+        Masks.load(plain)
+    assert str(e.value) == f"{plain}: not a frogwatch masks file (format=None)"
+    v2 = _rewrite(good, tmp_path / "v2.safetensors", format_version="2")
+    with pytest.raises(ValueError) as e:
+        Masks.load(v2)
+    assert str(e.value) == f"{v2}: masks format version '2' is not supported (this frogwatch reads 1)"
+    no_layers = _rewrite(good, tmp_path / "nolayers.safetensors", layers=None)
+    with pytest.raises(ValueError) as e:
+        Masks.load(no_layers)
+    assert str(e.value) == f"{no_layers}: corrupt frogwatch masks file (KeyError: 'layers')"
+    meta = json.loads(safe_open(str(good), framework="pt").metadata()["meta"])
+    forged = _rewrite(good, tmp_path / "forged.safetensors", meta=json.dumps({**meta, "fingerprint": "0" * 16}))
+    with pytest.raises(ValueError) as e:
+        Masks.load(forged)
+    assert str(e.value) == f"{forged}: fingerprint mismatch; the file is corrupt"
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError) as e:
+        Masks.load(damaged)
+    assert str(e.value).startswith(f"{damaged}: could not read masks (") and "NoneType" not in str(e.value)
