@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -327,3 +328,83 @@ def test_load_errors_name_the_file_and_the_cause(tmp_path):
     with pytest.raises(ValueError) as e:
         Masks.load(damaged)
     assert str(e.value).startswith(f"{damaged}: could not read masks (") and "NoneType" not in str(e.value)
+
+
+def test_summary_kind_energy_and_empty_matrix():
+    from frogwatch.frog.masks import MaskInfo
+
+    infos = [MaskInfo("z", "conv1d", (0, 3), 0.0, 0.0, energy=0.5), MaskInfo("w", "dense", (2, 2), 1.0, 1.0)]
+    df = Masks(infos, [torch.tensor([], dtype=torch.long), torch.tensor([3])], [torch.ones(0), torch.ones(1)]).summary()
+    assert df["kind"].tolist() == ["conv1d", "dense"] and df["energy"].tolist() == [0.5, 1.0]
+    assert df["fraction"].tolist() == [0.0, 0.25] and df["size"].tolist() == [0, 4]
+
+
+def test_check_compatible_message_lists_three_of_each():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    shapes = {**{str(i): (5, 4) for i in range(5)}, **{f"x{i}": (4, 4) for i in range(5)}}
+    m = Masks.from_indices({n: torch.tensor([0]) for n in shapes}, shapes)
+    with pytest.raises(MaskMismatchError) as e:
+        m.check_compatible(model)
+    assert str(e.value) == (
+        f"these masks (fingerprint {m.fingerprint}) do not fit the model: "
+        "5 masked matrices are not in the model (e.g. ['x0', 'x1', 'x2']); "
+        "5 have other shapes (0: mask (5, 4), model (4, 4); 1: mask (5, 4), model (4, 4); "
+        "2: mask (5, 4), model (4, 4)). Select masks on this model with frogwatch.select."
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+def test_shira_mask_fn_resize_edges_and_messages():
+    model = TwoLinear()
+    masks = select(model, 40, score="relevance", progress=False)
+    fn = masks.to_shira_mask_fn(model, resize=True)
+    assert fn(model.a, 4).bool().all()  # r·(in+out) = 64 = every weight of the layer
+    with pytest.raises(ValueError) as e:
+        fn(model.a, 5)
+    assert str(e.value) == "a: SHiRA asks for 80 weights, the layer has 64"
+    k = masks.counts()["a"]
+    with pytest.raises(ValueError) as e:
+        masks.to_shira_mask_fn(model)(model.a, 1)
+    assert str(e.value) == (
+        f"a: FROG selected {k} weights but PEFT's SHiRA trains exactly r·(in+out) = 16 per layer; "
+        "pick r so that they agree, or pass resize=True to take SHiRA's count from FROG's ranking"
+    )
+    stranger = nn.Linear(8, 8)
+    with pytest.raises(MaskMismatchError) as e:
+        fn(stranger, 1)
+    assert str(e.value) == (
+        f"SHiRA asked for a mask of a layer FROG did not select ({stranger!r}); "
+        "set ShiraConfig(target_modules=list(masks))"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shira_resize_up_takes_the_top_of_s_of_a_non_square_layer(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4)).to(dtype)  # weight (4, 6)
+    masks = select(model, 3, score="relevance", progress=False)
+    mask = masks.to_shira_mask_fn(model, resize=True)(model[0], 1)  # 1·(6+4) = 10 weights
+    assert mask.dtype == dtype and mask.shape == (4, 6)
+    S = relevance(model[0].weight.detach().double()).reshape(-1)  # float64 S of the stored weights
+    top = torch.argsort(S, descending=True, stable=True)[:10]
+    assert sorted(torch.nonzero(mask.reshape(-1)).reshape(-1).tolist()) == sorted(top.tolist())
+
+
+def test_shira_config_options_and_errors():
+    pytest.importorskip("peft")
+    model = TwoLinear()
+    masks = select(model, 32, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's warning about an unknown mask_type is expected and hidden
+        config = masks.shira_config(model, modules_to_save=["extra"])
+    assert config.r == 1 and config.mask_type == "frogwatch" and config.modules_to_save == ["extra"]
+    assert sorted(config.target_modules) == ["a", "b"]
+    with pytest.raises(ValueError) as e:
+        select(model, 40, score="relevance", progress=False).shira_config(model)
+    assert str(e.value) == (
+        "no single SHiRA r gives every layer its FROG count k_i = r·(in+out); pass r=... and resize=True"
+    )
+    convs = nn.Sequential(*[nn.Conv2d(2, 2, 1) for _ in range(4)])
+    with pytest.raises(ValueError) as e:
+        Masks.from_indices({n: torch.tensor([0]) for n in "0123"}, {n: (2, 2, 1, 1) for n in "0123"}).shira_config(convs)
+    assert str(e.value) == "PEFT's SHiRA adapts nn.Linear layers only; not nn.Linear: ['0', '1', '2']"
