@@ -408,3 +408,23 @@ def test_shira_config_options_and_errors():
     with pytest.raises(ValueError) as e:
         Masks.from_indices({n: torch.tensor([0]) for n in "0123"}, {n: (2, 2, 1, 1) for n in "0123"}).shira_config(convs)
     assert str(e.value) == "PEFT's SHiRA adapts nn.Linear layers only; not nn.Linear: ['0', '1', '2']"
+
+
+def test_meta_records_version_and_the_shape_fingerprint():
+    import hashlib
+
+    import frogwatch
+
+    m = _two_masks()
+    assert m.meta["frogwatch_version"] == frogwatch.__version__
+    assert m.fingerprint == m.meta["fingerprint"] == hashlib.sha256(b"a:2x3;e:1x1;").hexdigest()[:16]
+
+
+def test_constructor_rejects_unsorted_and_accepts_the_int32_limit():
+    from frogwatch.frog.masks import MaskInfo
+
+    info = MaskInfo("a", "dense", (2, 3), R=1.0, importance=1.0)
+    with pytest.raises(ValueError, match="sorted, unique"):
+        Masks([info], [torch.tensor([0, 5, 3])], [torch.ones(3)])
+    edge = MaskInfo("big", "dense", (2**31 - 1, 1), 1.0, 1.0)  # the largest int32 flat index space
+    assert Masks([edge], [torch.tensor([0, 2**31 - 2])], [torch.ones(2)]).counts() == {"big": 2}
