@@ -33,7 +33,7 @@ MODULES: dict[str, list[str]] = {
     "frogwatch/metrics.py": ["tests/test_numerics_reference.py"],
     "frogwatch/frog/budget.py": ["tests/test_frog_budget.py"],
     "frogwatch/frog/scores.py": ["tests/test_frog_scores.py"],
-    "frogwatch/spectra.py": ["tests/test_numerics_reference.py", "tests/test_sources.py"],
+    "frogwatch/spectra.py": ["tests/test_spectra.py", "tests/test_numerics_reference.py"],
     "frogwatch/frog/select.py": ["tests/test_frog_select.py"],
     "frogwatch/frog/masks.py": ["tests/test_frog_masks.py"],
     # the engine (frogwatch/frog/engine.py only re-exports these three)
