@@ -155,15 +155,18 @@ class patched:
     """``with patched(weight, delta, indices) as w:`` — W0 + scatter(delta) without a dense copy.
 
     Writes ``W0[idx] + delta`` (rounded to the weight's dtype, as ``effective`` does) into the
-    selected entries of the weight's storage, yields the weight, and writes the saved k original
-    values back on exit, so W0 is bit-identical afterwards. The write goes through ``.data``:
-    autograd's version counter of the (frozen) weight is not bumped. A non-contiguous weight gets
-    a dense copy instead.
+    selected entries of the weight's storage, yields the weight, and writes the k original values
+    back on exit, so W0 is bit-identical afterwards. The write goes through ``.data``: autograd's
+    version counter of the (frozen) weight is not bumped. ``orig`` (W0[idx], e.g. ``.orig`` of the
+    forward's context reused in backward) spares reading them from W0 again: on an LLM-sized
+    matrix each pass over k scattered entries misses the cache about k times. A non-contiguous
+    weight gets a dense copy instead.
     """
 
-    def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor) -> None:
-        self.weight, self.delta, self.indices = weight, delta, indices
-        self.orig: torch.Tensor | None = None
+    def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor,
+                 orig: torch.Tensor | None = None) -> None:
+        self.weight, self.delta, self.indices, self.orig = weight, delta, indices, orig
+        self._patched = False
 
     def __enter__(self) -> torch.Tensor:
         w = self.weight
@@ -171,23 +174,25 @@ class patched:
             return effective(w, self.delta, self.indices, None, 0.0, 0) if self.indices.numel() else w.detach()
         flat = w.data.view(-1)
         self.idx = self.indices.long()  # index_copy_ takes int64 only
-        self.orig = flat.index_select(0, self.idx)
+        if self.orig is None:
+            self.orig = flat.index_select(0, self.idx)
         flat.index_copy_(0, self.idx, self.orig + self.delta.detach().to(w.dtype))
+        self._patched = True
         return w.data
 
     def __exit__(self, *exc: Any) -> None:
-        if self.orig is not None:
+        if self._patched:
             self.weight.data.view(-1).index_copy_(0, self.idx, self.orig)
-            self.orig = None
+            self._patched = False
 
 
-def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed):
+def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, orig=None):
     """A context giving the effective weight: patched in place without noise, a new tensor with it."""
     if noise_amp > 0.0 and noise:
         from contextlib import nullcontext
 
         return nullcontext(effective(weight, delta, indices, noise, noise_amp, noise_seed))
-    return patched(weight, delta, indices)
+    return patched(weight, delta, indices, orig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +325,8 @@ class SparseDeltaFunction(torch.autograd.Function):
             )
         cdtype = autocast_dtype(x.device.type)
         x_dtype, bias_dtype = x.dtype, None if bias is None else bias.dtype
-        with torch.autocast(x.device.type, enabled=False), \
-                _weight_for(weight, delta, indices, noise, noise_amp, noise_seed) as w:
+        weight_ctx = _weight_for(weight, delta, indices, noise, noise_amp, noise_seed)
+        with torch.autocast(x.device.type, enabled=False), weight_ctx as w:
             if cdtype is not None:
                 x, w = x.to(cdtype), w.to(cdtype)
                 bias = bias.to(cdtype) if bias is not None else None
@@ -332,6 +337,8 @@ class SparseDeltaFunction(torch.autograd.Function):
             y = op.forward(x, w, bias)
             del w
         ctx.op, ctx.noise, ctx.noise_amp, ctx.noise_seed, ctx.cdtype = op, noise, noise_amp, noise_seed, cdtype
+        # W0[idx] (k values), reused by backward's patch of the weight for the input gradient
+        ctx.orig = getattr(weight_ctx, "orig", None) if ctx.needs_input_grad[0] else None
         ctx.x_shape, ctx.x_dtype, ctx.bias_dtype = x.shape, x_dtype, bias_dtype
         need_x = ctx.needs_input_grad[1]
         ctx.save_for_backward(x if need_x else None, delta, weight, indices)
@@ -345,7 +352,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out if ctx.cdtype is None else grad_out.to(ctx.cdtype)
             if need_x:
-                with _weight_for(weight, delta, indices, ctx.noise, ctx.noise_amp, ctx.noise_seed) as w:
+                with _weight_for(weight, delta, indices, ctx.noise, ctx.noise_amp, ctx.noise_seed,
+                                 ctx.orig) as w:
                     if ctx.cdtype is not None:
                         w = w.to(ctx.cdtype)
                     gx = ctx.op.grad_input(g, ctx.x_shape, w).to(ctx.x_dtype)
