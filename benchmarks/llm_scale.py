@@ -88,26 +88,27 @@ def main() -> None:
                         "--rank", str(a.rank), "--seq", str(a.seq), "--steps", str(a.steps),
                         "--save-delta", str(delta)]
             r = measure(cmd)
-            print(f"engine (load {r['load']}):\n\n{r['stdout']}")
-        rows = []
+            print(f"engine (load {r['load']}):\n\n{r['stdout']}", flush=True)
+        jobs = []
         if "merge" in parts:
             if not delta.exists():
                 sys.exit("merge needs the engine part (it trains the delta that is merged)")
-            rows.append(("merge (streaming)", measure(cli + ["merge", "--quiet", a.fixture, str(delta),
-                                                             str(work / "merged")])))
-            shutil.rmtree(work / "merged")
+            jobs.append(("merge (streaming)", cli + ["merge", "--quiet", a.fixture, str(delta),
+                                                    str(work / "merged")]))
         if "select" in parts:
             for score in ("balanced", "random"):
-                rows.append((f"select per-matrix {a.budget}, score={score}",
-                             measure(cli + ["select", a.fixture, "--budget", a.budget, "--score", score,
-                                            "--no-progress", "--out", str(work / f"{score}.safetensors")])))
-            rows.append(("analyze", measure(cli + ["analyze", a.fixture, "--quiet",
-                                                   "--out", str(work / "analyze")])))
-        if rows:
-            print("| job | wall (s) | CPU (s) | peak RSS (MiB) | load average |")
+                jobs.append((f"select per-matrix {a.budget}, score={score}",
+                             cli + ["select", a.fixture, "--budget", a.budget, "--score", score,
+                                    "--no-progress", "--out", str(work / f"{score}.safetensors")]))
+            jobs.append(("analyze", cli + ["analyze", a.fixture, "--quiet", "--out", str(work / "analyze")]))
+        if jobs:
+            print("| job | wall (s) | CPU (s) | peak RSS (MiB) | load average (before-after) |")
             print("|---|---:|---:|---:|---|")
-            for name, r in rows:
-                print(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_mb']:.0f} | {r['load']} |")
+        for name, cmd in jobs:
+            r = measure(cmd)
+            print(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_mb']:.0f} | {r['load']} |",
+                  flush=True)
+            shutil.rmtree(work / "merged", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
