@@ -1,5 +1,6 @@
 """FROG selection against brute-force numpy on small models; targets, α blend, streaming."""
 
+import copy
 import math
 
 import numpy as np
@@ -482,3 +483,19 @@ def test_default_score_is_balanced_per_matrix_and_relevance_global():
     assert select_default(model, 0.2, progress=False).meta["score"] == "balanced"
     g = select_default(model, 0.2, strategy="global", progress=False)
     assert g == select(model, 0.2, strategy="global", score="relevance") and g.meta["score"] == "relevance"
+
+
+def test_init_scale_uses_relevance_whatever_the_selection_score():
+    """prepare's relevance-scaled init multiplies by S, not by the score that picked the entries."""
+    from frogwatch.frog.masks import Masks
+    from frogwatch.frog.model import prepare
+
+    model = mlp(seed=2)
+    for score in ("random", "magnitude", "normalized"):
+        masks = select(model, 0.3, score=score, progress=False)
+        plain = Masks.from_indices({n: masks.indices(n) for n in masks}, {n: masks.info(n).shape for n in masks})
+        a = prepare(copy.deepcopy(model), masks, init_scale=0.1, seed=4)
+        b = prepare(copy.deepcopy(model), plain, init_scale=0.1, seed=4)  # no scores: prepare computes S
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert na == nb
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=0, msg=f"{score}: {na}")

@@ -50,7 +50,7 @@ PER_CLASS = 160
 MIN_WORDS = 6
 MAX_TOKENS = 32
 N_VAL, N_TEST = 135, 270
-BATCH = 8
+BATCH = int(os.environ.get("FROGWATCH_PYDOC_BATCH", "8"))  # run.py --pydoc-batch sets it
 STEPS = int(os.environ.get("FROGWATCH_PYDOC_STEPS", "300"))  # run.py --pydoc-steps sets it
 
 
