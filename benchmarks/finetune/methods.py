@@ -300,13 +300,14 @@ class Method:
             if key not in problem.cache:
                 problem.cache[key] = self.masks(problem, budget, seed)
             masks = problem.cache[key]
-            prepare(
-                model,
-                masks,
+            # Without init or noise, prepare with its defaults (``default`` is then exactly the package's
+            # select + prepare); the seed only matters for init and noise.
+            extra = {} if not (self.init_c or self.noise_c) else dict(
                 init_scale=calibrated_scale(problem, self.init_c) if self.init_c else 0.0,
                 noise_scale=calibrated_scale(problem, self.noise_c) if self.noise_c else 0.0,
                 seed=seed,
             )
+            prepare(model, masks, **extra)
             _set_always_trainable(model, problem)
             trainable = sum(int(m.sum()) for m in masks.values())
             # FROG's buffers live in each layer's ``frog`` child: indices and the noise codes
