@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pydoc-methods", default=None, help="docstring-task methods (default: PYDOC_PLAN)")
     ap.add_argument("--pydoc-steps", type=int, default=None, help="training steps of the docstring task (default 300)")
     ap.add_argument("--pydoc-batch", type=int, default=None, help="batch size of the docstring task (default 8)")
+    ap.add_argument("--pydoc-max-tokens", type=int, default=None, help="token cap of a docstring (default 32)")
     ap.add_argument("--lr-grid", action="append", default=None, metavar="FAMILY=LR,LR,...",
                     help="replace a method family's lr grid (sparse, lora, full, head) in every task; repeatable")
     ap.add_argument("--out", default=None, help="output directory")
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args.minilm_seeds = args.minilm_seeds or ("0,1" if args.quick else "0,1,2")
     if args.pydoc_steps:
         os.environ["FROGWATCH_PYDOC_STEPS"] = str(args.pydoc_steps)  # inherited by the spawned workers
+    if args.pydoc_max_tokens:
+        os.environ["FROGWATCH_PYDOC_MAX_TOKENS"] = str(args.pydoc_max_tokens)
     if args.pydoc_batch:
         os.environ["FROGWATCH_PYDOC_BATCH"] = str(args.pydoc_batch)
     args.pydoc_seeds = args.pydoc_seeds or ("0,1" if args.quick else "0,1,2,3,4")
