@@ -17,8 +17,8 @@ its rows at the chosen lr are the ``selected`` ones):
   on seeds 300–304, never used before: ``random``, ``balanced``, ``sel_random0``
   (``select(score="random")``, default seed) on the cheap tasks; ``results-confirm-default/`` —
   ``default`` rerun after the decision (identical to ``sel_random0``, as it must be).
-* ``results-pydoc300/`` (``random``), ``results-pydoc300-default/`` (``default``, seeds 300–304) and
-  ``results-pydoc300-balanced/`` (seeds 300–302): the docstring task at 300 steps, batch 4,
+* ``results-pydoc300/`` (``random``) and ``results-pydoc300-default/`` (``default``), seeds
+  300–304: the docstring task at 300 steps, batch 4,
   16 tokens.
 """
 
@@ -108,7 +108,7 @@ def main() -> None:
         "pydoc (real text), seeds 100-101": load("results-pydoc"),
         "seeds 300-304 (pre-registered confirmation)": pd.concat(
             [load("results-confirm"), load("results-confirm-default"), load("results-pydoc300"),
-             load("results-pydoc300-default"), load("results-pydoc300-balanced")]),
+             load("results-pydoc300-default")]),
     }
     confirmation(studies["seeds 300-304 (pre-registered confirmation)"])
     for title, df in studies.items():
