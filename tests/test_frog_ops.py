@@ -113,3 +113,83 @@ def test_effective_weight_adds_delta_and_noise_only_off_the_selection():
     assert torch.equal(noisy.reshape(-1)[idx], W.reshape(-1)[idx] + delta.float())
     assert torch.equal(ops.effective(W, delta, idx, buf, 0.0, 11), plain)  # amplitude 0: no noise
     assert torch.equal(ops.effective(W, delta, idx, None, 0.3, 11), plain)  # no codes: no noise
+
+
+def _dense_grad(g, x, transposed):
+    """dL/dW of y = x Wᵀ (Linear, W (out, in)) or y = x W (Conv1D, W (in, out)), in float64."""
+    g2, x2 = g.reshape(-1, g.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
+    return x2.t() @ g2 if transposed else g2.t() @ x2
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("path", ["sparse", "block", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_grad_at_equals_the_dense_gradient_on_every_path(monkeypatch, transposed, path, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64).to(dtype)  # (batch, seq, in)
+    g = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64).to(dtype)  # (batch, seq, out)
+    w_shape = torch.Size((7, 6) if transposed else (6, 7))
+    idx = torch.tensor([0, 3, 8, 9, 10, 17, 29, 41])  # 8 of 42 entries, several rows and columns
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    monkeypatch.setattr(ops, "_BLOCK_GRAD_MAX_FRACTION", 1.0 if path == "block" else 0.0)
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 30)  # 30 // 10 rows = 3 entries per chunk: 3 chunks
+    got = ops.DenseOp(transposed).grad_at(g, x, w_shape, idx)
+    want = _dense_grad(g, x, transposed).reshape(-1)[idx]
+    if path == "sparse":  # accumulated in float32 for bf16/fp16, else in the input's dtype
+        assert got.dtype == (torch.float32 if dtype == torch.bfloat16 else torch.float64)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    elif path == "sparse":  # exact bf16 products, float32 sums
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:  # the product itself in bf16
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=0.02 * float(want.abs().max()))
+
+
+def test_grad_at_one_row_per_chunk(monkeypatch):
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 4)  # fewer than the 10 rows of x: one entry per chunk
+    gen = torch.Generator().manual_seed(4)
+    x, g = torch.randn(10, 7, generator=gen, dtype=torch.float64), torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    idx = torch.arange(0, 42, 5)
+    got = ops.DenseOp(False).grad_at(g, x, torch.Size((6, 7)), idx)
+    torch.testing.assert_close(got, _dense_grad(g, x, False).reshape(-1)[idx], rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_path_choice_and_block_plan_cache(monkeypatch):
+    """Below 0.2 % density the gradient is gathered entry by entry; above, from the dense product
+    restricted to the used rows and columns when they cover at most 70 % of W, else from all of it."""
+    plans = []
+    real = ops.DenseOp._block_plan
+
+    def spy(self, *args):
+        plans.append(real(self, *args))
+        return plans[-1]
+
+    monkeypatch.setattr(ops.DenseOp, "_block_plan", spy)
+    gen = torch.Generator().manual_seed(5)
+    x, g = torch.randn(4, 100, generator=gen, dtype=torch.float64), torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    op, shape = ops.DenseOp(False), torch.Size((50, 100))  # 5000 entries: sparse up to 10 selected
+    ref = _dense_grad(g, x, False).reshape(-1)
+    for idx in (torch.arange(10), torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304]),
+                torch.arange(0, 5000, 7)):  # fmt: skip
+        torch.testing.assert_close(op.grad_at(g, x, shape, idx), ref[idx], rtol=1e-12, atol=1e-12)
+    assert len(plans) == 2  # 10 entries: sparse, no plan
+    r, c = plans[0]  # rows 0-3 and columns 0-5: a 24-entry block of the 5000
+    assert r.tolist() == [0, 1, 2, 3] and c.tolist() == [0, 1, 2, 3, 4, 5]
+    assert plans[1] == (None, None)  # every row and column in use: the full product
+    # the plan is cached per index tensor: new indices of the same length get a new plan
+    a, b = torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304]), torch.arange(4000, 4011)
+    for idx in (a, b, a):
+        torch.testing.assert_close(op.grad_at(g, x, shape, idx), ref[idx], rtol=1e-12, atol=1e-12)
+
+
+def test_single_selected_weight_gets_its_gradient():
+    torch.manual_seed(0)
+    W, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    delta = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([6])  # W[1, 2]
+    y = ops.apply(x, delta, W, None, idx, None, ops.DenseOp(False), 0.0, 0)
+    y.square().sum().backward()
+    Wd = W.clone().requires_grad_(True)
+    (x @ Wd.t()).square().sum().backward()
+    torch.testing.assert_close(delta.grad, Wd.grad.reshape(-1)[idx], rtol=1e-12, atol=1e-12)
