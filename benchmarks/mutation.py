@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
     "frogwatch/frog/masks.py": ["tests/test_frog_masks.py"],
     # the engine (frogwatch/frog/engine.py only re-exports these three)
     "frogwatch/frog/ops.py": ["tests/test_frog_ops.py", "tests/test_engine.py"],
-    "frogwatch/frog/layer.py": ["tests/test_engine.py"],
+    "frogwatch/frog/layer.py": ["tests/test_frog_layer.py", "tests/test_engine.py"],
     "frogwatch/frog/model.py": ["tests/test_engine.py", "tests/test_engine_merge.py"],
 }
 
