@@ -33,6 +33,13 @@ MODULES: dict[str, list[str]] = {
     "frogwatch/metrics.py": ["tests/test_numerics_reference.py"],
     "frogwatch/frog/budget.py": ["tests/test_frog_budget.py"],
     "frogwatch/frog/scores.py": ["tests/test_frog_scores.py"],
+    "frogwatch/spectra.py": ["tests/test_spectra.py", "tests/test_numerics_reference.py"],
+    "frogwatch/frog/select.py": ["tests/test_frog_select.py"],
+    "frogwatch/frog/masks.py": ["tests/test_frog_masks.py"],
+    # the engine (frogwatch/frog/engine.py only re-exports these three)
+    "frogwatch/frog/ops.py": ["tests/test_engine.py"],
+    "frogwatch/frog/layer.py": ["tests/test_engine.py"],
+    "frogwatch/frog/model.py": ["tests/test_engine.py", "tests/test_engine_merge.py"],
 }
 
 

@@ -140,3 +140,81 @@ def test_allocate_minimum_floor():
         allocate([1.0, 1.0], [5, 5], 3, minimum=2)
     with pytest.raises(ValueError, match="minimum"):
         allocate([1.0, 1.0], [5, 5], 3, minimum=-1)
+
+
+# ---- edges and messages (found by mutation testing, benchmarks/mutation.py) ----------------------
+
+
+def test_resolve_budget_edges():
+    assert resolve_budget(1, 1) == 1 and resolve_budget(1.0, 1) == 1  # a single weight is a model
+    assert resolve_budget(0.01, 100) == 1  # rounds to exactly one weight: allowed
+    assert resolve_budget(0.005, 100) == 1  # 0.5 rounds up
+    with pytest.raises(ValueError, match="rounds to 0"):
+        resolve_budget(0.0049, 100)
+
+
+@pytest.mark.parametrize(
+    "budget, total, message",
+    [
+        (0.5, 0, "the targeted matrices hold no weights"),
+        ("1%", 77, "budget must be a fraction in (0, 1] or a positive integer count, got '1%'"),
+        (0, 1234, "budget count must be between 1 and the 1,234 targeted weights, got 0"),
+        (2000, 1234, "budget count must be between 1 and the 1,234 targeted weights, got 2,000"),
+        (0.0, 77, "budget fraction must be in (0, 1], got 0.0; pass an int for a count of weights"),
+        (1.5, 77, "budget fraction must be in (0, 1], got 1.5; pass an int for a count of weights"),
+        (0.0001, 1000, "budget 0.0001 of 1,000 weights rounds to 0 trainable weights; raise it"),
+    ],
+)
+def test_resolve_budget_messages(budget, total, message):
+    with pytest.raises(ValueError) as e:
+        resolve_budget(budget, total)
+    assert str(e.value) == message
+
+
+def test_allocate_zero_weight_fallback_splits_by_size_over_the_unfilled_matrices_only():
+    # the three weighted matrices fill at once; the 97 left go to the zero-weight ones as 10 : 100
+    weights, sizes = [1.0, 1.0, 1.0, 0.0, 0.0], [1, 1, 1, 10, 100]
+    k = allocate(weights, sizes, 100)
+    assert k.tolist() == reference_allocate(weights, sizes, 100) == [1, 1, 1, 9, 88]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        (([1.0], [1, 2], 1), {}, "weights and sizes must be non-empty and equally long (1 vs 2)"),
+        (([], [], 0), {}, "weights and sizes must be non-empty and equally long (0 vs 0)"),
+        (([1.0, float("nan")], [1, 2], 1), {}, "allocation weights must be finite and non-negative"),
+        (([1.0, 1.0], [1, -2], 1), {}, "sizes must be non-negative integers"),
+        (([1.0, 1.0], [1, 2], 4), {}, "total must be in [0, 3], got 4"),
+        (([1.0, 1.0], [1, 2], -1), {}, "total must be in [0, 3], got -1"),
+        (([1.0, 1.0], [5, 5], 3), {"minimum": True}, "allocate: minimum must be an int >= 0, got True"),
+        (([1.0, 1.0], [5, 5], 3), {"minimum": 2},
+         "allocate: minimum must be at most 1 per matrix for 3 weights over 2 matrices, got 2"),
+    ],
+)
+def test_allocate_messages(args, kwargs, message):
+    with pytest.raises(ValueError) as e:
+        allocate(*args, **kwargs)
+    assert str(e.value) == message
+
+
+def test_topk_flat_all_and_none():
+    v = torch.tensor([[0.5, -1.0], [2.0, 0.5]])
+    assert topk_flat(v, 4).tolist() == [0, 1, 2, 3]
+    assert topk_flat(v, 4).dtype == torch.int64
+    assert topk_flat(v, 0).tolist() == [] and topk_flat(v, 0).dtype == torch.int64
+    for k in (-1, 5):
+        with pytest.raises(ValueError) as e:
+            topk_flat(v, k)
+        assert str(e.value) == f"k must be in [0, 4], got {k}"
+
+
+def test_allocate_minimum_floor_counts_against_each_matrix_size():
+    # floors [3, 3] leave room [1, 7]; the 4 left split 2 : 2, matrix 0 caps at 1, its extra goes on
+    assert allocate([1.0, 1.0], [4, 10], 10, minimum=3).tolist() == [4, 6]
+    assert allocate([1.0, 1.0], [5, 5], 4, minimum=2).tolist() == [2, 2]  # floors use the whole total
+
+
+def test_allocate_flattens_column_inputs():
+    k = allocate(np.array([[1.0], [3.0]]), np.array([[10], [10]]), 8)  # e.g. df[["R"]].to_numpy()
+    assert k.shape == (2,) and k.tolist() == [2, 6]

@@ -246,3 +246,176 @@ def test_pick_mixture_draws_the_random_share_then_top_scores():
     rest = [i for i in range(99, -1, -1) if i not in set(rand.tolist())][:7]
     np.testing.assert_array_equal(got.numpy(), np.sort(np.r_[rand.numpy(), rest]))
     np.testing.assert_array_equal(scorers.pick(V, 10).numpy(), np.arange(90, 100))
+
+
+# ---- edge cases of the scores API (found by mutation testing, benchmarks/mutation.py) -----------
+
+
+def np_relevance(W: np.ndarray, q: int | None = None) -> tuple[np.ndarray, float]:
+    """Rank-q S = |U_q| diag(σ_q) |V_q|ᵀ and its energy Σ_{k≤q} σ_k² / Σ σ_k², from numpy's SVD."""
+    U, s, Vt = np.linalg.svd(W, full_matrices=False)
+    q = len(s) if q is None else q
+    return (np.abs(U[:, :q]) * s[:q]) @ np.abs(Vt[:q]), float((s[:q] ** 2).sum() / (s**2).sum())
+
+
+def decaying(rows: int, cols: int, seed: int = 0, rate: float = 0.8) -> np.ndarray:
+    """A matrix with singular values rate**k: a randomized SVD resolves its top triplets exactly."""
+    rng = np.random.default_rng(seed)
+    k = min(rows, cols)
+    U = np.linalg.qr(rng.standard_normal((rows, k)))[0]
+    V = np.linalg.qr(rng.standard_normal((cols, k)))[0]
+    return (U * rate ** np.arange(k)) @ V.T
+
+
+def test_exact_relevance_without_rank_keeps_every_triplet_of_a_large_matrix():
+    # default_rank(140, 130) = 65 < 130: a rank-less exact S must still use all 130 triplets
+    W = np.random.default_rng(7).standard_normal((140, 130))
+    S, energy = relevance_2d(torch.from_numpy(W))  # method="exact" is the default
+    np.testing.assert_allclose(S.numpy(), np_relevance(W)[0], rtol=1e-9, atol=1e-12)
+    assert energy == 1.0
+
+
+def test_randomized_relevance_without_rank_uses_default_rank():
+    W = decaying(150, 130)
+    q = scores.default_rank(150, 130)
+    assert q == 65
+    S, energy = relevance_2d(torch.from_numpy(W), method="randomized")
+    S_ref, e_ref = np_relevance(W, q)
+    np.testing.assert_allclose(S.numpy(), S_ref, rtol=1e-8, atol=1e-12)
+    assert energy == pytest.approx(e_ref, rel=1e-10) and energy < 1.0
+
+
+def test_randomized_relevance_is_the_rank_q_formula_of_randomized_svd_with_its_seed():
+    W = torch.from_numpy(np.random.default_rng(2).standard_normal((30, 20)))
+    for seed in (0, 3):
+        U, s, V = scores.randomized_svd(W, 6, seed=seed)
+        S, energy = relevance_2d(W, rank=6, method="randomized", seed=seed)
+        torch.testing.assert_close(S, (U.abs() * s) @ V.abs().mT, rtol=1e-12, atol=0)
+        assert energy == pytest.approx(float((s * s).sum() / (W * W).sum()), rel=1e-12)
+    assert not torch.equal(relevance_2d(W, rank=6, method="randomized", seed=3)[0],
+                           relevance_2d(W, rank=6, method="randomized")[0])  # fmt: skip
+
+
+def test_randomized_energy_is_the_captured_share_below_one():
+    W = decaying(40, 30, seed=1)
+    _, e = relevance_2d(torch.from_numpy(W), rank=5, method="randomized")
+    assert e == pytest.approx(np_relevance(W, 5)[1], rel=1e-10) and e < 1.0
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_rank_one_relevance_is_the_top_triplet(method):
+    W = decaying(12, 9, seed=4)
+    S, e = relevance_2d(torch.from_numpy(W), rank=1, method=method)
+    S_ref, e_ref = np_relevance(W, 1)
+    np.testing.assert_allclose(S.numpy(), S_ref, rtol=1e-8, atol=1e-12)
+    assert e == pytest.approx(e_ref, rel=1e-10)
+    U, s, V = scores.randomized_svd(torch.from_numpy(W), 1)
+    assert s.shape == (1,) and float(s[0]) == pytest.approx(1.0, rel=1e-10)
+
+
+def test_energy_is_exactly_one_for_every_full_spectrum_and_never_above_one():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 5), (5, 7), (6, 6), (13, 4), (4, 13), (9, 8), (8, 9), (20, 3), (3, 20), (11, 11)]:
+        W = torch.randn(*shape, generator=g, dtype=torch.float64)
+        assert relevance_2d(W)[1] == 1.0, shape
+        assert relevance_2d(W, rank=min(shape) + 3)[1] == 1.0, shape  # rank clipped to min(m, n)
+        # an exactly rank-2 matrix: two triplets hold all of its energy (to round-off), never more
+        L = W[:, :2] @ torch.randn(2, shape[1], generator=g, dtype=torch.float64)
+        for method in ("exact", "randomized"):
+            e = relevance_2d(L, rank=2, method=method)[1]
+            assert 1.0 - 1e-12 <= e <= 1.0, (shape, method)
+
+
+def test_exact_relevance_eigendecomposes_the_smaller_gram_matrix(monkeypatch):
+    sizes = []
+    eigh = torch.linalg.eigh
+
+    def spy(A, *args, **kwargs):
+        sizes.append(tuple(A.shape))
+        return eigh(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    for shape in [(30, 8), (8, 30)]:
+        W = np.random.default_rng(0).standard_normal(shape)
+        S, e = relevance_2d(torch.from_numpy(W))
+        np.testing.assert_allclose(S.numpy(), np_relevance(W)[0], rtol=1e-10, atol=1e-12)
+        assert e == 1.0
+    assert sizes == [(8, 8), (8, 8)]  # an 8x8 Gram matrix, not 30x30, either way round
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_zero_and_unit_norm_matrices(method):
+    S, e = relevance_2d(torch.zeros(5, 4, dtype=torch.float64), rank=2, method=method)
+    assert torch.equal(S, torch.zeros(5, 4, dtype=torch.float64)) and e == 1.0
+    W = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # ‖W‖_F² = 1 exactly
+    S, e = relevance_2d(W, rank=1, method=method)
+    torch.testing.assert_close(S, W, rtol=0, atol=1e-12)
+    assert e == 1.0
+
+
+def test_default_rank_formula():
+    # max(min(64, M), M // 2), M = min(rows, cols)
+    for rows, cols in [(100, 70), (70, 100), (10, 100), (200, 127), (1000, 767), (129, 300)]:
+        m = min(rows, cols)
+        got = scores.default_rank(rows, cols)
+        assert type(got) is int and got == max(min(64, m), m // 2), (rows, cols)
+    assert scores.default_rank(100, 70) == 64 and scores.default_rank(1000, 767) == 383
+
+
+def test_score_errors_name_the_problem():
+    W = torch.ones(4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^rank must be in \[1, 4\] for a 4x6 matrix, got 0$"):
+        scores.randomized_svd(W, 0)
+    with pytest.raises(ValueError, match=r"^rank must be in \[1, 4\] for a 6x4 matrix, got 5$"):
+        scores.randomized_svd(W.T, 5)
+    with pytest.raises(ValueError, match=r"^expected a 2-D matrix, got shape \(3,\)$"):
+        relevance_2d(torch.ones(3))
+    with pytest.raises(ValueError, match=r"^W: weights contain NaN or Inf"):
+        scores.as_matrix(torch.tensor([[float("inf")]]))
+    with pytest.raises(ValueError, match=r"^q_proj: complex weights are not supported$"):
+        scores.as_matrix(torch.ones(2, 2, dtype=torch.complex64), "q_proj")
+    with pytest.raises(ValueError, match=r"^norms must be a non-empty 1-D sequence$"):
+        matrix_importance([])
+    with pytest.raises(ValueError, match=r"^norms must be a non-empty 1-D sequence$"):
+        matrix_importance([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"^norms must be finite and non-negative$"):
+        matrix_importance([1.0, math.inf])
+
+
+def test_matrix_importance_edge_cases():
+    np.testing.assert_array_equal(matrix_importance([4.0]), [1.0])
+    np.testing.assert_allclose(matrix_importance([0.2, 0.3]), [0.4, 0.6], rtol=1e-15)  # sum below 1
+    r = matrix_importance(np.array([1.0, 2.0, 4.0], dtype=np.float32))
+    assert r.dtype == np.float64
+    np.testing.assert_array_equal(r, np.array([1.0, 2.0, 4.0]) / 7.0)
+
+
+def test_alpha_multipliers_edge_cases():
+    np.testing.assert_allclose(alpha_multipliers([2.0, 4.0], 0.5), [0.5, 1.5])  # two finite alphas
+    np.testing.assert_array_equal(alpha_multipliers([math.nan, math.nan, math.inf], 0.5), [1.0, 1.0, 1.0])
+    got = alpha_multipliers(np.array([[2.0], [3.0], [6.0]]), 0.5)  # a column, e.g. df[["alpha"]]
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got, [0.5, 0.75, 1.5])
+    # float32 alphas: the map is computed in float64 on the given values
+    a32 = np.array([2.1, 3.3, 4.7], dtype=np.float32)
+    a = a32.astype(np.float64)
+    got = alpha_multipliers(a32, 0.3)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, 1 - 0.3 + 0.6 * (a - a.min()) / (a.max() - a.min()), rtol=1e-15)
+
+
+def test_alpha_lookup_reads_non_numeric_alpha_as_failed_and_explains_errors():
+    df = pd.DataFrame({"name": ["a", "b"], "alpha": ["n/a", 3.5]})  # e.g. read back from a CSV
+    np.testing.assert_array_equal(alpha_lookup(df, ["a", "b"]), [np.nan, 3.5])
+    with pytest.raises(ValueError, match=r"^alpha_lookup: alpha must be a table from frogwatch.analyze"):
+        alpha_lookup(pd.DataFrame({"name": ["a"]}), ["a"])
+    with pytest.raises(ValueError, match=r"^alpha for 'a' is not a number: 'x'$"):
+        alpha_lookup({"a": "x"}, ["a"])
+    with pytest.raises(ValueError, match=r"got list$"):
+        alpha_lookup([1.0], ["a"])
+    with pytest.raises(ValueError) as e:
+        alpha_lookup({k: 1.0 for k in "vwxyz"}, list("abcde"))
+    assert str(e.value) == (
+        "none of the 5 targeted matrices is in the alpha table (targets e.g. ['a', 'b', 'c'], "
+        "table e.g. ['v', 'w', 'x']); compute alpha with frogwatch.analyze on the same model"
+    )

@@ -6,6 +6,7 @@ Clauset fit) and from factors written here, never from frogwatch itself."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -192,3 +193,76 @@ def test_quality_warning_thresholds(alpha, label):
     from frogwatch.metrics import quality_warning
 
     assert quality_warning(alpha) == label
+
+
+# ---- layer_metrics on hand-built spectra and fits (edges found by benchmarks/mutation.py) --------
+
+
+def _spec(ev, rank=None):
+    from frogwatch.spectra import Spectrum
+
+    ev = np.sort(np.asarray(ev, np.float64))
+    r = int(np.count_nonzero(ev > 0)) if rank is None else rank
+    sv = np.sqrt(ev) if ev.size else np.array([math.nan])
+    return Spectrum(evals=ev, N=100, M=ev.size, rank=r, sv_max=float(sv.max()), sv_min=float(sv.min()))
+
+
+def _fit(alpha, Lambda=math.nan):
+    from frogwatch.powerlaw_fit import PowerLawFit
+
+    return PowerLawFit(alpha, 0.1, 0.5, 0.05, 0.1, 10, Lambda=Lambda)
+
+
+def test_metrics_of_a_spectrum_below_one():
+    """Eigenvalues and their sum below 1 (a small-scale matrix): every column still from the formula."""
+    from frogwatch.metrics import layer_metrics
+
+    ev = np.array([0.02, 0.05, 0.1, 0.3, 0.5])
+    row = layer_metrics(_spec(ev), _fit(2.5))
+    p = ev / ev.sum()
+    assert row["stable_rank"] == pytest.approx(ev.sum() / 0.5, rel=1e-12)
+    assert row["entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(5), rel=1e-12)
+    assert row["log_alpha_norm"] == pytest.approx(math.log10((ev**2.5).sum()), rel=1e-12)
+    assert row["log_norm"] == pytest.approx(math.log10(0.97), rel=1e-12)
+
+
+def test_entropy_needs_rank_two_and_is_nan_without_warning_below():
+    from frogwatch.metrics import layer_metrics
+
+    ev = np.array([0.0, 0.0, 1.0, 3.0])  # rank 2
+    assert layer_metrics(_spec(ev), _fit(3.0))["entropy"] == pytest.approx(
+        -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)) / math.log(2), rel=1e-12
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 / log(1) must not be computed
+        row = layer_metrics(_spec(np.array([0.0, 0.0, 4.0])), _fit(3.0))
+    assert math.isnan(row["entropy"]) and row["matrix_rank"] == 1
+
+
+def test_weak_rank_loss_counts_eigenvalues_strictly_below_1e6():
+    from frogwatch.metrics import layer_metrics
+
+    ev = np.array([0.0, 5e-7, 1e-6, 2e-6, 1.0, 2.0])
+    assert layer_metrics(_spec(ev), _fit(3.0))["weak_rank_loss"] == 2
+
+
+def test_empty_spectrum_has_nan_lambda_max():
+    from frogwatch.metrics import layer_metrics
+    from frogwatch.powerlaw_fit import PowerLawFit
+
+    row = layer_metrics(_spec(np.array([])), PowerLawFit.failed("too few"))
+    assert row["num_evals"] == 0 and row["norm"] == 0.0 and row["log_norm"] == -math.inf
+    assert math.isnan(row["lambda_max"]) and math.isnan(row["stable_rank"]) and math.isnan(row["entropy"])
+
+
+@pytest.mark.parametrize(
+    "alpha, Lambda, label",
+    [(1.5, math.nan, "over-trained"), (7.0, math.nan, "under-trained"), (4.0, math.nan, ""),
+     (1.5, 0.2, ""), (7.0, 0.2, "")],  # a TPL alpha gets no label (docs/method.md#tpl)
+)
+def test_warning_only_for_a_plain_power_law_fit(alpha, Lambda, label):
+    from frogwatch.metrics import layer_metrics
+
+    row = layer_metrics(_spec(np.linspace(0.1, 5, 30)), _fit(alpha, Lambda))
+    assert row["warning"] == label
+    assert row["alpha"] == alpha and (row["Lambda"] == Lambda or math.isnan(Lambda) and math.isnan(row["Lambda"]))
