@@ -18,7 +18,9 @@ robust to other load on the machine) and the peak RSS during the steps (sampled 
 own size is reported for the ratio ``prepare adds / model size``.
 
 Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--device cuda`` on a GPU
-(peak memory is then ``torch.cuda.max_memory_allocated``). Prints a Markdown table.
+(peak memory is then ``torch.cuda.max_memory_allocated``); ``--fixture DIR`` loads a sharded bf16
+checkpoint (the full 1.1B: ``benchmarks/fixtures/tinyllama``) instead. Prints a Markdown table.
+``benchmarks/llm_scale.py`` runs this together with select, analyze and merge on the checkpoint.
 """
 
 from __future__ import annotations
@@ -64,28 +66,37 @@ class PeakRSS:
 
 
 def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: str,
-            threads: int) -> dict:
+            threads: int, fixture: str | None = None, save_delta: str | None = None) -> dict:
     import torch
     import transformers
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**TINYLLAMA, "num_hidden_layers": layers})
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    if fixture:  # a bf16 checkpoint directory (benchmarks/llm_fixtures.py), all of its blocks
+        model = transformers.LlamaForCausalLM.from_pretrained(fixture, dtype=torch.bfloat16).to(device)
+        cfg = model.config
+    else:
+        cfg = transformers.LlamaConfig(**{**TINYLLAMA, "num_hidden_layers": layers})
+        model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     names = [n for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]
-    masks = {}
+    masks = None
     if method.startswith("frog"):
+        from frogwatch.frog.masks import Masks
+
+        idx, shapes = {}, {}
         for n in names:
             w = model.get_submodule(n).weight
             k = rank * (w.shape[0] + w.shape[1])
-            flat = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-            flat[w.detach().abs().reshape(-1).topk(k).indices] = True
-            masks[n] = flat.view(w.shape).cpu()
+            idx[n] = w.detach().abs().reshape(-1).topk(k).indices.sort().values.to(torch.int32).cpu()
+            shapes[n] = tuple(w.shape)
+        masks = Masks.from_indices(idx, shapes)  # int32 indices only, as a selection gives them
+        del idx
     from peft import LoraConfig, get_peft_model  # imported before measuring: code is not state
 
+    from frogwatch.frog.io import save_delta as write_delta
     from frogwatch.frog.model import prepare
 
     gc.collect()
@@ -100,7 +111,7 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
     prepare_s = time.perf_counter() - t0
     gc.collect()
     after = mem()
-    del masks  # this script's dense bool masks (1 byte per weight); Masks keep int32 indices only
+    del masks
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -128,6 +139,8 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
     step_peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak.peak
+    if save_delta and method.startswith("frog"):
+        write_delta(model, save_delta)
     return {"method": method, "trainable": trainable, "model_mb": model_bytes / 2**20,
             "prepare_add_mb": (after - before) / 2**20, "prepare_s": prepare_s,
             "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu_times),
@@ -144,23 +157,30 @@ def main() -> None:
     ap.add_argument("--methods", default="lora,frog,frog+noise")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (CPU); step CPU time is then robust to a shared machine")
+    ap.add_argument("--fixture", help="load this bf16 Llama checkpoint directory instead of a random "
+                    "--layers slice (e.g. benchmarks/fixtures/tinyllama, the full 1.1B)")
+    ap.add_argument("--save-delta", help="FROG: write the trained delta file here (for frogwatch merge)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads)))
+        print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads,
+                                 a.fixture, a.save_delta)))
         return
     rows = []
     for m in a.methods.split(","):
         cmd = [sys.executable, __file__, "--one", m, "--layers", str(a.layers), "--rank", str(a.rank),
                "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device,
                "--threads", str(a.threads)]
+        cmd += ["--fixture", a.fixture] if a.fixture else []
+        cmd += ["--save-delta", a.save_delta] if a.save_delta else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode:
             sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"# {rows[-1]}", file=sys.stderr)
     lora = next((r for r in rows if r["method"] == "lora"), None)
-    print(f"TinyLlama-1.1B shapes, {a.layers} of 22 blocks, bf16, rank {a.rank}, "
+    blocks = f"{a.fixture} (all blocks)" if a.fixture else f"{a.layers} of 22 blocks"
+    print(f"TinyLlama-1.1B shapes, {blocks}, bf16, rank {a.rank}, "
           f"seq {a.seq}, {a.steps} timed steps, device {a.device}; model {rows[0]['model_mb']:.0f} MiB\n")
     print("| method | trainable | prepare adds (MiB) | adds / model | prepare (s) | step wall (s) "
           "| step CPU (s) | step peak (MiB) | step CPU / LoRA | step peak / LoRA |")

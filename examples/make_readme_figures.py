@@ -29,8 +29,8 @@ def main(out_dir: str = "docs/img") -> None:
                      path=out / "alpha_depth_minilm.png")  # fmt: skip
     row = df[df["name"] == LAYER].iloc[0]
     plot_esd(row, title=f"all-MiniLM-L6-v2: {LAYER}", path=out / "esd_minilm.png")
-    per_matrix = frogwatch.select(model, 0.01, strategy="per_matrix", progress=False)
-    global_ = frogwatch.select(model, 0.01, strategy="global", progress=False)
+    per_matrix = frogwatch.select(model, 0.01, strategy="per_matrix", score="relevance", progress=False)
+    global_ = frogwatch.select(model, 0.01, strategy="global", score="relevance", progress=False)
     fig = plot_strategy_comparison(per_matrix, global_, by="block")
     from frogwatch._io import atomic_write_bytes
 

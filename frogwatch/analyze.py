@@ -25,7 +25,7 @@ from .handoff import ATTRS_KEY, Analysis, check_table
 from .metrics import layer_metrics
 from .powerlaw_fit import PowerLawFit, fit_power_law
 from .rules import SUMMARY_COLUMNS, overparameterized, scale_collapse, summarize
-from .schedule import CostProgress, layer_cost, largest_first, pipeline
+from .schedule import CostProgress, layer_cost, largest_first, num_workers, pipeline
 from .sources import LayerMatrix, ResolvedSource, SourceError, resolve_source
 from .spectra import Spectrum, all_finite, esd_matrices, resolve_device, spectrum
 
@@ -119,14 +119,6 @@ def _base_row(i: int, lm: LayerMatrix) -> dict:
         "Q": lm.N / lm.M if lm.M else np.nan,
         "rf": lm.rf,
     }
-
-
-def _num_workers() -> int:
-    """CPU cores this process may use (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def describe(
@@ -284,8 +276,8 @@ def analyze(
     ----------
     model : nn.Module, state dict, path or ResolvedSource
         Anything :func:`frogwatch.sources.layer_matrices` reads: a module, a state dict, a
-        ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint
-        or a Hugging Face model directory; or a source already resolved by
+        ``.safetensors`` file, a sharded directory with its index, a ``.bin``/``.pt`` checkpoint,
+        a ``.gguf`` file or a Hugging Face model directory; or a source already resolved by
         :func:`frogwatch.sources.resolve_source`, or the ``df.attrs["frogwatch"]`` of an earlier
         table (its headers are not read again).
     layers : list of int / str, or callable, optional
@@ -451,7 +443,7 @@ def analyze(
     order = [mine[k] for k in largest_first(costs)]
     outs: dict[int, list[dict]] = {}
     bar = CostProgress(costs, enabled=o["progress"])
-    workers = _num_workers() if dev is None else 1
+    workers = num_workers() if dev is None else 1
     try:
         items = [todo[k] for k in order]
         for pos, layer_out in pipeline(items, lambda it: _load_checked(it[1]), layer_rows, workers=workers):

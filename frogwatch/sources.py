@@ -1,9 +1,9 @@
 """Model sources -> layer matrices.
 
-Everything a user can hand to frogwatch (an ``nn.Module``, a state dict, a ``.safetensors`` file, a
-directory of sharded safetensors, a ``.bin``/``.pt`` checkpoint, a Hugging Face model directory) is
-turned into a list of :class:`LayerMatrix`. A ``LayerMatrix`` knows its name, layer type and shape and
-reads its tensor lazily, on ``load()``, so a sharded checkpoint is read one tensor at a time.
+Everything a user can hand to frogwatch (an ``nn.Module``, a state dict, a ``.safetensors`` file or
+sharded directory, a ``.bin``/``.pt`` checkpoint, a ``.gguf`` file, a Hugging Face model directory)
+is turned into a list of :class:`LayerMatrix`. A ``LayerMatrix`` knows its name, layer type and
+shape and reads its tensor lazily, on ``load()``, so a sharded checkpoint is read one tensor at a time.
 
 Matrix conventions (docs/method.md#matrices): ``nn.Linear`` gives ``W`` (out x in); Hugging Face
 ``Conv1D`` gives ``W`` (in x out); ``nn.Conv2d`` gives the 4-D tensor (out, in, kh, kw);
@@ -376,10 +376,12 @@ def _path_matrices(path: Path) -> list[LayerMatrix]:
         return _entries_to_matrices(_safetensors_entries(path))
     if name.endswith((".bin", ".pt", ".pth", ".ckpt")):
         return _torch_checkpoint_matrices(path)
-    raise SourceError(
-        f"{path}: unsupported file type; expected .safetensors, .safetensors.index.json, "
-        ".bin, .pt, .pth or a model directory"
-    )
+    if name.endswith(".gguf"):  # llama.cpp checkpoint, one tensor dequantised at a time
+        from .gguf_source import gguf_matrices
+
+        return gguf_matrices(path)
+    raise SourceError(f"{path}: unsupported file type; expected .safetensors, "
+                      ".safetensors.index.json, .bin, .pt, .pth, .gguf or a model directory")
 
 
 def _read_matrices(model: Any) -> list[LayerMatrix]:
@@ -460,8 +462,8 @@ def layer_matrices(model: Any) -> list[LayerMatrix]:
     model : nn.Module, Mapping[str, Tensor], str, os.PathLike or ResolvedSource
         A module; a state dict (optionally ``{"state_dict": ...}`` or with ``module.`` prefixes);
         a path to a ``.safetensors`` file, a ``*.safetensors.index.json``, a ``.bin``/``.pt``
-        checkpoint, or a directory holding any of these (a Hugging Face model directory); or a
-        source already resolved by :func:`resolve_source` (nothing is read again).
+        checkpoint or a ``.gguf`` file; a directory holding any of these but ``.gguf`` (a Hugging
+        Face model directory); or a source resolved by :func:`resolve_source` (nothing read again).
 
     Returns
     -------

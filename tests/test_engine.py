@@ -130,7 +130,9 @@ def _make_layer(kind):
 ])
 def test_delta_grad_equals_dense_masked_reference(kind, grad_path, monkeypatch):
     # force one of the three ways dense layers form delta's gradient
-    monkeypatch.setattr(E, "_SPARSE_GRAD_MAX_DENSITY", 1.0 if grad_path == "sparse" else 0.0)
+    cost = 0.0 if grad_path == "sparse" else float("inf")  # 0: SDDMM always, inf: never
+    monkeypatch.setattr(E, "_SDDMM_COST", {torch.float32: cost})
+    monkeypatch.setattr(E, "_SDDMM_COST_LOW", cost)
     monkeypatch.setattr(E, "_BLOCK_GRAD_MAX_FRACTION", 1.0 if grad_path == "block" else 0.0)
     layer, x, fn = _make_layer(kind)
     w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
@@ -368,7 +370,7 @@ def test_noise_schedules_decay(net, schedule):
 
 @pytest.mark.parametrize("sparse_grad", [False, True])
 def test_autocast_bf16(net, sparse_grad, monkeypatch):
-    monkeypatch.setattr(E, "_SPARSE_GRAD_MAX_DENSITY", 1.0 if sparse_grad else 0.0)
+    monkeypatch.setattr(E, "_SDDMM_COST_LOW", 0.0 if sparse_grad else float("inf"))
     base = copy.deepcopy(net)
     masks = linear_masks(net)
     prepare(net, masks, init_scale=0.0)

@@ -171,17 +171,22 @@ def test_noise_rank_factors_give_the_partial_sum():
 # ----------------------------------------------------------------------------------------------
 
 
+def _force_sddmm(monkeypatch, chunk: int) -> None:
+    monkeypatch.setattr(ops, "_SDDMM_COST", {})  # cost 0 for every dtype: always the SDDMM path
+    monkeypatch.setattr(ops, "_SDDMM_COST_LOW", 0.0)
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", chunk)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_multi_chunk_sparse_gradient(monkeypatch, dtype, transposed):
+@pytest.mark.parametrize("chunk_tokens", [5, 12])  # 3 chunks (5, 5, 2 tokens) / all 12 tokens at once
+def test_multi_chunk_sparse_gradient(monkeypatch, dtype, transposed, chunk_tokens):
     torch.manual_seed(0)
     tokens, n_in, n_out = 12, 20, 30
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_MAX_DENSITY", 1.0)  # always the sparse path
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 7 * tokens)  # 7 entries per chunk
+    _force_sddmm(monkeypatch, chunk_tokens * (n_in + n_out))
     shape = (n_in, n_out) if transposed else (n_out, n_in)
     mask = random_mask(shape, 0.15, seed=2)
-    k = int(mask.sum())
-    assert k > 3 * 7 and k % 7 != 0  # several full chunks and a partial last one
+    mask[3] = False  # an empty row in the CSR pattern
     g = torch.randn(tokens, n_out, dtype=dtype)
     x = torch.randn(tokens, n_in, dtype=dtype)
     idx = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32)
@@ -191,9 +196,27 @@ def test_multi_chunk_sparse_gradient(monkeypatch, dtype, transposed):
     torch.testing.assert_close(got.double(), dense[mask], rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_plan_follows_the_indices(monkeypatch):
+    """The cached CSR pattern follows the layer's indices: a new tensor, or new values copied in."""
+    _force_sddmm(monkeypatch, 1 << 20)
+    torch.manual_seed(0)
+    op, g, x = ops.DenseOp(False), torch.randn(6, 9), torch.randn(6, 7)
+    dense = g.double().t() @ x.double()
+    masks = [random_mask((9, 7), 0.3, seed=seed) for seed in (1, 2, 3)]
+    masks[2] = masks[1].roll(1, 0)  # the same count as masks[1], other rows
+    idx = masks[0].reshape(-1).nonzero().squeeze(1).to(torch.int32)
+    for i, mask in enumerate(masks):
+        new = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+        if i == 2:
+            idx.copy_(new)  # in place, as load_state_dict writes a buffer
+        else:
+            idx = new
+        got = op.grad_at(g, x, torch.Size((9, 7)), idx)
+        torch.testing.assert_close(got.double(), dense[mask], rtol=1e-6, atol=1e-6)
+
+
 def test_multi_chunk_gradient_through_the_layer(monkeypatch):
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_MAX_DENSITY", 1.0)
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 5 * 6)
+    _force_sddmm(monkeypatch, 4 * (10 + 14))  # 6 tokens in chunks of 4 and 2
     torch.manual_seed(1)
     layer = nn.Linear(10, 14)
     mask = random_mask((14, 10), 0.4, seed=3)

@@ -22,7 +22,7 @@ def mlp(seed=0):
 
 @pytest.fixture(scope="module")
 def masks():
-    return select(mlp(), 0.2, blend=0.5, alpha={"0": 2.5, "2": math.nan, "4": 5.0}, progress=False)
+    return select(mlp(), 0.2, score="balanced", blend=0.5, alpha={"0": 2.5, "2": math.nan, "4": 5.0}, progress=False)
 
 
 def test_mapping_of_bool_masks_shaped_like_weights(masks):

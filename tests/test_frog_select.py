@@ -1,5 +1,6 @@
 """FROG selection against brute-force numpy on small models; targets, α blend, streaming."""
 
+import copy
 import math
 
 import numpy as np
@@ -465,6 +466,11 @@ def test_per_matrix_floor_and_bad_options():
         select(model, 0.1, random_share=1.5, progress=False)
     with pytest.raises(TypeError, match="seed"):
         select(model, 0.1, seed=1.5, progress=False)
+    for bad in ({"rank": 2}, {"method": "randomized"}):  # S settings with a score that computes no S
+        with pytest.raises(ValueError, match="score 'random'"):
+            select_default(model, 0.1, progress=False, **bad)
+        with pytest.raises(ValueError, match="score 'magnitude'"):
+            select(model, 0.1, score="magnitude", progress=False, **bad)
 
 
 def test_global_random_share_spreads_random_entries_by_size():
@@ -476,12 +482,23 @@ def test_global_random_share_spreads_random_entries_by_size():
     assert list(m.counts().values()) == allocate(sizes.astype(float), sizes, m.n_selected).tolist()
 
 
-def test_default_score_is_balanced_per_matrix_and_relevance_global():
+def test_default_score_is_the_seeded_random_mask_for_both_strategies():
+    """Issue 10's decision (benchmarks/results_finetune.md): Frobenius k_i, random entries, seed 0."""
     model = mlp(seed=5)
-    assert select_default(model, 0.2, progress=False) == select(model, 0.2, score="balanced")
-    assert select_default(model, 0.2, progress=False).meta["score"] == "balanced"
+    d = select_default(model, 0.2, progress=False)
+    assert d == select(model, 0.2, score="random", seed=0) and d.meta["score"] == "random"
+    assert d != select(model, 0.2, score="random", seed=1) and d != select(model, 0.2, score="balanced")
+    assert select_default(model, 0.2, score=None, progress=False) == d
+    # per matrix: the Frobenius counts of FROG, uniformly random entries from the (seed, name) generator
+    from frogwatch.frog.scorers import matrix_generator
+
+    Ws = weights(model)
+    k = np_budgets([np.linalg.norm(W) for W in Ws.values()], [W.size for W in Ws.values()], d.n_selected)
+    for (name, W), ki in zip(Ws.items(), k):
+        u = torch.rand(W.shape, generator=matrix_generator(0, name), dtype=torch.float64).numpy()
+        np.testing.assert_array_equal(d.indices(name).numpy(), np_top(u, int(ki)), err_msg=name)
     g = select_default(model, 0.2, strategy="global", progress=False)
-    assert g == select(model, 0.2, strategy="global", score="relevance") and g.meta["score"] == "relevance"
+    assert g == select(model, 0.2, strategy="global", score="random", seed=0) and g.meta["score"] == "random"
 
 
 # ---- zero-budget matrices, meta, global random share with floors (found by benchmarks/mutation.py)
@@ -558,3 +575,19 @@ def test_global_floor_plus_random_share_beyond_the_budget_is_an_error():
     assert str(e.value) == (
         "select: min_per_matrix 1 plus random_share 1.0 need more than the 10 weights of the budget"
     )
+
+
+def test_init_scale_uses_relevance_whatever_the_selection_score():
+    """prepare's relevance-scaled init multiplies by S, not by the score that picked the entries."""
+    from frogwatch.frog.masks import Masks
+    from frogwatch.frog.model import prepare
+
+    model = mlp(seed=2)
+    for score in ("random", "magnitude", "normalized"):
+        masks = select(model, 0.3, score=score, progress=False)
+        plain = Masks.from_indices({n: masks.indices(n) for n in masks}, {n: masks.info(n).shape for n in masks})
+        a = prepare(copy.deepcopy(model), masks, init_scale=0.1, seed=4)
+        b = prepare(copy.deepcopy(model), plain, init_scale=0.1, seed=4)  # no scores: prepare computes S
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert na == nb
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=0, msg=f"{score}: {na}")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,42 @@ def test_pipeline_keeps_results_bounds_memory_and_stops_on_error():
     assert peak[0] <= 3  # workers + ahead tensors at most
     assert len(loaded) < len(items)  # it stopped reading
     assert dict(pipeline(items[:6], load, lambda x, v: v, workers=2)) == {p: 10 * p for p in range(6)}
+
+
+def test_pipeline_gives_the_last_matrix_every_blas_thread():
+    """Several solving: one BLAS thread each; the last one alone: every core (issue 11 item 2)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    with threadpool_limits(limits=2, user_api="blas"):  # the suite runs with one (conftest)
+        full = blas_threads()  # 2 on the 2-core CI machine
+        _last_matrix_widens(blas_threads, full)
+
+
+def _last_matrix_widens(blas_threads, full):
+    first_done = threading.Event()
+    seen = {}
+
+    def solve(x, v):
+        if x == 0:  # the first one finishes while the second is still running
+            seen[x] = blas_threads()
+            first_done.set()
+        elif x == 1:
+            first_done.wait(5)
+            deadline = time.monotonic() + 5  # the first solve's bookkeeping ends just after it returns
+            while blas_threads() != full and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen[x] = blas_threads()  # the last one, alone now
+        return v
+
+    assert dict(pipeline([0, 1], lambda x: x, solve, workers=2)) == {0: 0, 1: 1}
+    assert seen == {0: 1, 1: full}
+    assert blas_threads() == full  # restored afterwards
+    one = {}
+    list(pipeline([7], lambda x: x, lambda x, v: one.setdefault(x, blas_threads()), workers=2))
+    assert one == {7: full}  # a single matrix never loses its threads
 
 
 def test_describe_estimates_time_memory_and_device_fit(tiny_llama):

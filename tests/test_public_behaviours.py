@@ -259,8 +259,8 @@ def test_select_method_randomized_is_honoured():
     with torch.no_grad():
         model[0].weight.copy_(_rand(200, 200, seed=7))
     k = 400
-    exact = frogwatch.select(model, k, rank=5, progress=False)
-    rnd = frogwatch.select(model, k, rank=5, method="randomized", progress=False)
+    exact = frogwatch.select(model, k, rank=5, score="relevance", progress=False)
+    rnd = frogwatch.select(model, k, rank=5, method="randomized", score="relevance", progress=False)
     assert rnd.meta["method"] == "randomized"
     assert rnd.info("0").energy < exact.info("0").energy - 1e-3
     assert not torch.equal(rnd.indices("0"), exact.indices("0"))

@@ -25,6 +25,8 @@ entries); they differ only in *which* entries are selected:
 ``bulk``            ``select(score="bulk")``: S of the Marchenko–Pastur bulk (spikes removed).
 ``mix50``           ``select(random_share=0.5)``: half of each k_i random, half top-S.
 ``sel_random``      ``select(score="random", seed=seed)``: the package's seeded random mask.
+``sel_random0``     ``select(score="random")`` with select's default seed (the same mask for every
+                    run seed): what ``default`` is when the package's default score is ``random``.
 ``<x>_blend_under`` ``<x>`` with the α blend λ = :data:`BLEND`, undertrained-first / ``_over``.
 ``grad``            data-aware reference (SIFT / SpIEL style): k_i as ``frog_pm``, the top-k_i
                     Σ|∂L/∂W_ij| accumulated over :data:`GRAD_BATCHES` training batches of the
@@ -298,13 +300,14 @@ class Method:
             if key not in problem.cache:
                 problem.cache[key] = self.masks(problem, budget, seed)
             masks = problem.cache[key]
-            prepare(
-                model,
-                masks,
+            # Without init or noise, prepare with its defaults (``default`` is then exactly the package's
+            # select + prepare); the seed only matters for init and noise.
+            extra = {} if not (self.init_c or self.noise_c) else dict(
                 init_scale=calibrated_scale(problem, self.init_c) if self.init_c else 0.0,
                 noise_scale=calibrated_scale(problem, self.noise_c) if self.noise_c else 0.0,
                 seed=seed,
             )
+            prepare(model, masks, **extra)
             _set_always_trainable(model, problem)
             trainable = sum(int(m.sum()) for m in masks.values())
             # FROG's buffers live in each layer's ``frog`` child: indices and the noise codes
@@ -367,6 +370,7 @@ METHODS: dict[str, Method] = {
         Method("bulk", "sparse", partial(select_masks, score="bulk"), description="S of the MP bulk"),
         Method("mix50", "sparse", partial(select_masks, random_share=0.5, seeded=True), description="50 % random + top-S"),
         Method("sel_random", "sparse", partial(select_masks, score="random", seeded=True), description="select(score='random')"),
+        Method("sel_random0", "sparse", partial(select_masks, score="random"), description="select(score='random'), default seed"),
         Method("grad", "sparse", grad_masks, description="data-aware: top accumulated |grad|"),
         *[Method(f"{x}_blend_{d.split('-')[0][:-7]}", "sparse",
                  partial(select_masks, blend=BLEND, direction=d, **kw), description=f"{x} + α blend, {d}")

@@ -61,6 +61,10 @@ CHEAP_METHODS = (
     "pretrained", "full", "frog_pm", "frog_global", "frog_blend_under", "frog_blend_over",
     "frog_init", "frog_noise", "frog_init_noise", "random", "magnitude", "lift", "lora", "default",
 )
+#: ``--quick`` on the cheap tasks: the default against random, the candidate scores and the
+#: references; the FROG ablations (global, α blend, init, noise) and LIFT run in the full benchmark
+#: only (each costs ~7 CPU s over the three cheap tasks; ``--quick`` must stay under 3 minutes).
+QUICK_CHEAP_METHODS = ("pretrained", "full", "default", "random", "frog_pm", "balanced", "magnitude", "lora")
 #: MiniLM: one run costs ~15-30 s of CPU here, so methods x budgets are cut to fit 30 minutes:
 #: at 0.1 % (where accuracy is not saturated) FROG, both α blends and the three baselines; at 1 %
 #: FROG and the baselines; full fine-tuning and the head alone once. (method -> budgets)
@@ -69,7 +73,7 @@ MINILM_PLAN: dict[str, tuple[float, ...]] = {
     "frog_pm": (0.001, 0.01), "frog_blend_under": (0.001,), "frog_blend_over": (0.001,),
     "random": (0.001, 0.01), "magnitude": (0.001, 0.01), "lora": (0.001, 0.01),
 }
-QUICK_MINILM_PLAN: dict[str, tuple[float, ...]] = {"head_only": (0.0,), "default": (0.001,), "random": (0.001,)}
+QUICK_MINILM_PLAN: dict[str, tuple[float, ...]] = {"default": (0.001,), "random": (0.001,)}
 #: The real-text task (stdlib docstrings -> package; 300 steps): the data-free candidates against
 #: random and the data-aware reference, at 0.1 % and 1 %.
 PYDOC_PLAN: dict[str, tuple[float, ...]] = {
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="digits,planted,minilm,pydoc", help="comma list of digits, planted, minilm, pydoc")
     ap.add_argument("--seeds", default=None, help="seeds of the cheap tasks (default 0,1,2,3,4; quick 0,1,2)")
     ap.add_argument("--budgets", default=None, help="budgets of the cheap tasks (default 0.001,0.005,0.01,0.05; quick 0.01,0.05)")
-    ap.add_argument("--methods", default=",".join(CHEAP_METHODS), help="methods of the cheap tasks")
+    ap.add_argument("--methods", default=None, help="methods of the cheap tasks (default: CHEAP_METHODS; quick QUICK_CHEAP_METHODS)")
     ap.add_argument("--minilm-seeds", default=None, help="MiniLM seeds (default 0,1,2; quick 0,1)")
     ap.add_argument("--minilm-budgets", default=None, help="MiniLM budgets for every MiniLM method (default: MINILM_PLAN)")
     ap.add_argument("--minilm-methods", default=None, help="MiniLM methods (default: MINILM_PLAN)")
@@ -265,16 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pydoc-budgets", default=None, help="docstring-task budgets for every method (default: PYDOC_PLAN)")
     ap.add_argument("--pydoc-methods", default=None, help="docstring-task methods (default: PYDOC_PLAN)")
     ap.add_argument("--pydoc-steps", type=int, default=None, help="training steps of the docstring task (default 300)")
+    ap.add_argument("--pydoc-batch", type=int, default=None, help="batch size of the docstring task (default 8)")
+    ap.add_argument("--pydoc-max-tokens", type=int, default=None, help="token cap of a docstring (default 32)")
     ap.add_argument("--lr-grid", action="append", default=None, metavar="FAMILY=LR,LR,...",
                     help="replace a method family's lr grid (sparse, lora, full, head) in every task; repeatable")
     ap.add_argument("--out", default=None, help="output directory")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one torch thread each; default 2)")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4")
+    args.methods = args.methods or ",".join(QUICK_CHEAP_METHODS if args.quick else CHEAP_METHODS)
     args.budgets = args.budgets or ("0.01,0.05" if args.quick else "0.001,0.005,0.01,0.05")
     args.minilm_seeds = args.minilm_seeds or ("0,1" if args.quick else "0,1,2")
     if args.pydoc_steps:
         os.environ["FROGWATCH_PYDOC_STEPS"] = str(args.pydoc_steps)  # inherited by the spawned workers
+    if args.pydoc_max_tokens:
+        os.environ["FROGWATCH_PYDOC_MAX_TOKENS"] = str(args.pydoc_max_tokens)
+    if args.pydoc_batch:
+        os.environ["FROGWATCH_PYDOC_BATCH"] = str(args.pydoc_batch)
     args.pydoc_seeds = args.pydoc_seeds or ("0,1" if args.quick else "0,1,2,3,4")
     out = Path(args.out) if args.out else HERE / ("results-quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)

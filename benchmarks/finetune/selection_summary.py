@@ -13,6 +13,10 @@ its rows at the chosen lr are the ``selected`` ones):
 * ``results-lowrank/`` — planted_lowrank, seeds 0–4 (``default`` = the new default, balanced).
 * ``results-unseen/`` — seeds 100–104, never used before: ``default`` (balanced) vs ``random``.
 * ``results-pydoc/`` — the docstring task (``default`` = balanced), seeds 100–101.
+* ``results-confirm/`` and ``results-pydoc300/`` — the pre-registered confirmation
+  (``results-confirm/PREREGISTRATION.md``) on seeds 300–304, never used before: ``random``,
+  ``balanced``, ``sel_random0`` (``select(score="random")``, default seed) on every task, the
+  docstring task at 300 steps; ``results-confirm-default/`` — ``default`` rerun after the decision.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ def main() -> None:
         # duplicate of default, dropped
         "seeds 100-104 (never used before)": load("results-unseen").query("method != 'frog_pm'"),
         "pydoc (real text), seeds 100-101": load("results-pydoc"),
+        "seeds 300-304 (pre-registered confirmation)": pd.concat(
+            [load("results-confirm"), load("results-confirm-default"), load("results-pydoc300")]),
     }
     for title, df in studies.items():
         if df.empty:

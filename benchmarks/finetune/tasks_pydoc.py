@@ -48,9 +48,9 @@ __all__ = ["PACKAGES", "build_splits", "make_problem"]
 PACKAGES = ("asyncio", "email", "idlelib", "importlib", "logging", "multiprocessing", "tkinter", "unittest", "xml")
 PER_CLASS = 160
 MIN_WORDS = 6
-MAX_TOKENS = 32
+MAX_TOKENS = int(os.environ.get("FROGWATCH_PYDOC_MAX_TOKENS", "32"))  # run.py --pydoc-max-tokens sets it
 N_VAL, N_TEST = 135, 270
-BATCH = 8
+BATCH = int(os.environ.get("FROGWATCH_PYDOC_BATCH", "8"))  # run.py --pydoc-batch sets it
 STEPS = int(os.environ.get("FROGWATCH_PYDOC_STEPS", "300"))  # run.py --pydoc-steps sets it
 
 

@@ -15,7 +15,7 @@ def add_model_argument(parser) -> None:
         "model",
         nargs="?",
         default=None,
-        help="model path: .safetensors file, sharded dir with its index, .bin/.pt, or a Hugging "
+        help="model path: .safetensors file, sharded dir with its index, .bin/.pt, .gguf, or a Hugging "
         "Face model dir (default: the embedded pretrained all-MiniLM-L6-v2)",
     )
 

@@ -51,23 +51,24 @@ def parse_budget(text: str) -> float | int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..frog.scores import DIRECTIONS, METHODS
-    from ..frog.select import SCORES, STRATEGIES
+    from ..frog.select import DEFAULT_SCORE, SCORES, STRATEGIES
 
     p = subparsers.add_parser(
         "select",
-        help="choose the weights FROG fine-tunes (SVD relevance, Frobenius budgets, α blend)",
+        help="choose the weights to fine-tune (Frobenius budgets, α blend; random entries by default, --score relevance for FROG's SVD relevance)",
         description=(
-            "Score every targeted weight with FROG's SVD relevance, split the budget over the matrices "
-            "(per_matrix) or rank all weights at once (global), optionally tilted by each layer's α, "
-            "print the per-matrix summary and write the masks."
+            "Split the budget over the targeted matrices by Frobenius share (per_matrix) or rank all "
+            "weights at once (global), optionally tilted by each layer's α; pick the entries by --score "
+            "(default random: no data-free score beat a random mask in the benchmark; FROG's SVD "
+            "relevance with --score relevance); print the per-matrix summary and write the masks."
         ),
     )
     add_model_argument(p)
     p.add_argument("--budget", type=parse_budget, default=0.01, help="1%%, 0.01 or a count (default 1%%)")
     p.add_argument("--strategy", choices=STRATEGIES, default="per_matrix")
-    p.add_argument("--score", choices=SCORES, default=None,
-                   help="which entries of a matrix to pick (default: balanced for per_matrix, relevance for global; "
-                        "see README 'Does FROG help?')")
+    p.add_argument("--score", choices=SCORES, default=DEFAULT_SCORE,
+                   help=f"which entries of a matrix to pick (default {DEFAULT_SCORE}: a seeded random mask; "
+                        "relevance = FROG's SVD relevance; see README 'Does FROG help?')")
     p.add_argument("--random-share", type=float, default=0.0, metavar="RHO",
                    help="share of each matrix's count drawn at random, the rest by --score (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random and --random-share (default 0)")
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             df = masks.summary()
             kwargs["alpha"] = dict(zip(df["name"], df["alpha"]))  # reuse α: analyze runs once
             if kwargs["score"] == "balanced":
-                kwargs["score"] = None  # each strategy's default
+                kwargs["score"] = None  # balanced is per-matrix only: the other strategy gets the default
             other = select(model, args.budget, strategy=other_strategy, **kwargs)
             pm, gl = (masks, other) if args.strategy == "per_matrix" else (other, masks)
             _save_figure(plot_strategy_comparison(pm, gl, by="block"), args.compare_plot)

@@ -108,7 +108,9 @@ def _init_delta(masks: Mapping, name: str, w: torch.Tensor, idx: torch.Tensor, c
     if config.init_scale == 0 or idx.numel() == 0:
         return torch.zeros(idx.numel(), dtype=dtype, device=w.device)
     s_sel = None
-    if hasattr(masks, "scores"):
+    # Masks.scores hold the selection score, which is S only for the relevance-based scores.
+    score = getattr(masks, "meta", {}).get("score", "relevance")
+    if hasattr(masks, "scores") and score in ("relevance", "balanced"):
         s_sel = torch.as_tensor(masks.scores(name), dtype=torch.float64).reshape(-1).cpu()
         if s_sel.numel() != idx.numel():
             raise ValueError(f"masks.scores({name!r}) has {s_sel.numel()} entries, expected {idx.numel()}")

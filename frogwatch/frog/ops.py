@@ -4,9 +4,10 @@ The custom function saves for backward only the layer input, ``delta``, ``W0`` a
 (references, no dense copy). Without noise the effective weight is never materialised: forward and
 backward write ``W0 + delta`` into the k selected entries of W0's storage around their matmul and
 restore the k original values bit for bit (:class:`patched`); with noise a dense noisy copy is
-built for the running layer. Backward gathers delta's gradient at the selected indices. Dense layers avoid most of the weight-gradient product: a selection of <= 0.2 % of the
-matrix takes k dot products (in chunks), otherwise only the block of rows x columns holding a
-selection is multiplied; Conv2d always uses ``torch.nn.grad.conv2d_weight``. Under
+built for the running layer. Backward forms delta's gradient only at the selected indices. Dense
+layers on the CPU take a sampled dense-dense product (SDDMM, k dot products over the tokens) when
+it is cheaper than the dense product, else only the block of rows x columns holding a selection
+is multiplied; Conv2d always uses ``torch.nn.grad.conv2d_weight``. Under
 ``torch.autocast`` the layer casts to the autocast dtype itself, in forward and backward alike.
 
 Noise amplitude: the relevance S of a frozen weight is kept compactly (:class:`NoiseAmplitude`:
@@ -15,6 +16,7 @@ one byte per entry, or rank-r factors) and decoded transiently for the layer tha
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,14 +24,22 @@ import torch.nn.functional as F
 
 __all__ = ["NoiseAmplitude", "SparseDeltaFunction", "derive_seed", "effective", "generator"]
 
-# How dense layers form delta's gradient dL/dW[idx] (dL/dW = A^T B, both (tokens x dim)):
-# selected fraction <= _SPARSE_GRAD_MAX_DENSITY: k dot products (measured crossover on a 2-core
-# CPU); else the product restricted to the rows x columns holding a selection when that block is
-# at most _BLOCK_GRAD_MAX_FRACTION of the matrix (FROG's selections concentrate: at G = 1 % on
-# MiniLM they touch ~40 % of rows and ~50 % of columns); else the full dense product.
-_SPARSE_GRAD_MAX_DENSITY = 0.002
+# How dense layers form delta's gradient dL/dW[idx] (dL/dW = A^T B, both (tokens x dim)), per call:
+# - SDDMM: ``torch.sparse.sampled_addmm`` on the CSR pattern of the selection (row pointers cached
+#   per layer), float32 inputs; it costs about _SDDMM_COST[dtype] times one cell of the dense bf16 /
+#   fp32 product per selected entry, so it runs when k * cost <= the cells of the dense (block)
+#   product. Measured on a 2-core AVX512-bf16 CPU, 1 thread, 64-512 tokens, 2048x2048 / 5632x2048 /
+#   2048x5632, uniform selections (``benchmarks/grad_at.py``, BENCHMARKS.md section 7): one entry
+#   costs 8-17 dense bf16 cells and 3-6 fp32 cells, so SDDMM wins below ~6 % (bf16) and ~20 % (fp32)
+#   density; at k = 0.8 % of a bf16 matrix it takes 7-12 % of the dense product's time. CPU only:
+#   the GPU keeps the dense products (not measured there).
+# - else the product restricted to the rows x columns holding a selection when that block is at
+#   most _BLOCK_GRAD_MAX_FRACTION of the matrix (FROG's selections concentrate: at G = 1 % on
+#   MiniLM they touch ~40 % of rows and ~50 % of columns); else the full dense product.
+_SDDMM_COST = {torch.float32: 4.0, torch.float64: 4.0}  # other dtypes (bf16, fp16): _SDDMM_COST_LOW
+_SDDMM_COST_LOW = 12.0
 _BLOCK_GRAD_MAX_FRACTION = 0.7
-_SPARSE_GRAD_CHUNK = 1 << 22  # elements per gathered block in the sparse gradient path
+_SPARSE_GRAD_CHUNK = 1 << 22  # elements of the float32 token-chunk copies of A and B per SDDMM call
 # Entries of S below this fraction of their row's maximum are coded as that floor: it bounds the
 # log range one byte covers (ln 1e4 / 255 -> relative coding error <= 1.8 %).
 _CODE_FLOOR = 1e-4
@@ -145,15 +155,18 @@ class patched:
     """``with patched(weight, delta, indices) as w:`` — W0 + scatter(delta) without a dense copy.
 
     Writes ``W0[idx] + delta`` (rounded to the weight's dtype, as ``effective`` does) into the
-    selected entries of the weight's storage, yields the weight, and writes the saved k original
-    values back on exit, so W0 is bit-identical afterwards. The write goes through ``.data``:
-    autograd's version counter of the (frozen) weight is not bumped. A non-contiguous weight gets
-    a dense copy instead.
+    selected entries of the weight's storage, yields the weight, and writes the k original values
+    back on exit, so W0 is bit-identical afterwards. The write goes through ``.data``: autograd's
+    version counter of the (frozen) weight is not bumped. ``orig`` (W0[idx], e.g. ``.orig`` of the
+    forward's context reused in backward) spares reading them from W0 again: on an LLM-sized
+    matrix each pass over k scattered entries misses the cache about k times. A non-contiguous
+    weight gets a dense copy instead.
     """
 
-    def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor) -> None:
-        self.weight, self.delta, self.indices = weight, delta, indices
-        self.orig: torch.Tensor | None = None
+    def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor,
+                 orig: torch.Tensor | None = None) -> None:
+        self.weight, self.delta, self.indices, self.orig = weight, delta, indices, orig
+        self._patched = False
 
     def __enter__(self) -> torch.Tensor:
         w = self.weight
@@ -161,23 +174,25 @@ class patched:
             return effective(w, self.delta, self.indices, None, 0.0, 0) if self.indices.numel() else w.detach()
         flat = w.data.view(-1)
         self.idx = self.indices.long()  # index_copy_ takes int64 only
-        self.orig = flat.index_select(0, self.idx)
+        if self.orig is None:
+            self.orig = flat.index_select(0, self.idx)
         flat.index_copy_(0, self.idx, self.orig + self.delta.detach().to(w.dtype))
+        self._patched = True
         return w.data
 
     def __exit__(self, *exc: Any) -> None:
-        if self.orig is not None:
+        if self._patched:
             self.weight.data.view(-1).index_copy_(0, self.idx, self.orig)
-            self.orig = None
+            self._patched = False
 
 
-def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed):
+def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, orig=None):
     """A context giving the effective weight: patched in place without noise, a new tensor with it."""
     if noise_amp > 0.0 and noise:
         from contextlib import nullcontext
 
         return nullcontext(effective(weight, delta, indices, noise, noise_amp, noise_seed))
-    return patched(weight, delta, indices)
+    return patched(weight, delta, indices, orig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,24 +203,25 @@ def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed):
 class DenseOp:
     """y = x W^T + b (``nn.Linear``, W (out, in)) or y = x W + b (HF ``Conv1D``, W (in, out)).
 
-    One instance lives on each FROG dense layer; it caches the rows and columns that hold a
-    selection (computing them needs ``unique``, which waits for the GPU) for the block gradient.
+    One instance lives on each FROG dense layer; it caches, per index tensor, the rows and columns
+    that hold a selection (computing them needs ``unique``, which waits for the GPU) and the CSR row
+    pointers of the selection.
     """
 
     def __init__(self, transposed: bool) -> None:
         self.transposed = transposed
-        self._block: tuple | None = None  # (key, used rows or None for "dense", used columns)
+        self._plan: tuple | None = None  # (key, indices, used rows, used cols, CSR row pointers)
 
-    def _block_plan(
-        self, indices: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        key = (indices.data_ptr(), indices.device, indices.numel(), _BLOCK_GRAD_MAX_FRACTION)
-        if self._block is None or self._block[0] != key:
-            r_used, c_used = torch.unique_consecutive(rows), torch.unique(cols)
-            if r_used.numel() * c_used.numel() > _BLOCK_GRAD_MAX_FRACTION * size:
-                r_used = c_used = None
-            self._block = (key, r_used, c_used)
-        return self._block[1], self._block[2]
+    def _grad_plan(
+        self, indices: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the plan holds the index tensor, so no other tensor can take its address meanwhile
+        key = (indices.data_ptr(), indices.device, indices.numel(), indices._version, n_rows)
+        if self._plan is None or self._plan[0] != key:
+            crow = torch.zeros(n_rows + 1, dtype=torch.long, device=indices.device)
+            torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+            self._plan = (key, indices, torch.unique_consecutive(rows), torch.unique(cols), crow)
+        return self._plan[2:]
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.transposed:
@@ -223,28 +239,49 @@ class DenseOp:
     def grad_at(
         self, g: torch.Tensor, x: torch.Tensor, w_shape: torch.Size, indices: torch.Tensor
     ) -> torch.Tensor:
-        """Entries ``indices`` of dL/dW, with dL/dW = A^T B for (A, B) = (g, x) or (x, g)."""
+        """Entries ``indices`` (sorted, unique, flat) of dL/dW, dL/dW = A^T B for (A, B) = (g, x) or (x, g).
+
+        Returns (k,): float32 from bf16 / fp16 inputs on the SDDMM path (float32 accumulation),
+        else the inputs' dtype.
+        """
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         a, b = (x2, g2) if self.transposed else (g2, x2)  # dW[i, j] = sum_n a[n, i] b[n, j]
         k, size = indices.numel(), w_shape[0] * w_shape[1]
         idx = indices.long()
         rows, cols = idx // w_shape[1], idx % w_shape[1]
-        if k > _SPARSE_GRAD_MAX_DENSITY * size:
-            # dense gradient, restricted to the block of rows and columns that hold a selection
-            r_used, c_used = self._block_plan(indices, rows, cols, size)
-            if r_used is None:
-                return (a.t() @ b).view(-1).index_select(0, indices)
-            block = a.index_select(1, r_used).t() @ b.index_select(1, c_used)
-            pos = torch.searchsorted(r_used, rows) * c_used.numel() + torch.searchsorted(c_used, cols)
-            return block.view(-1).index_select(0, pos)
-        acc = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-        out = torch.empty(k, dtype=acc, device=g.device)
-        chunk = max(1, _SPARSE_GRAD_CHUNK // max(1, a.shape[0]))
-        for s in range(0, k, chunk):
-            r, c = rows[s : s + chunk], cols[s : s + chunk]
-            out[s : s + chunk] = (a.index_select(1, r).to(acc) * b.index_select(1, c).to(acc)).sum(0)
-        return out
+        r_used, c_used, crow = self._grad_plan(indices, rows, cols, w_shape[0])
+        cells = r_used.numel() * c_used.numel()
+        if g.device.type == "cpu" and k * _SDDMM_COST.get(a.dtype, _SDDMM_COST_LOW) <= cells:
+            return _sddmm(a, b, crow, cols, w_shape)
+        if cells > _BLOCK_GRAD_MAX_FRACTION * size:
+            return (a.t() @ b).view(-1).index_select(0, indices)
+        block = a.index_select(1, r_used).t() @ b.index_select(1, c_used)
+        pos = torch.searchsorted(r_used, rows) * c_used.numel() + torch.searchsorted(c_used, cols)
+        return block.view(-1).index_select(0, pos)
+
+
+def _sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor,
+           w_shape: torch.Size) -> torch.Tensor:
+    """(A^T B)[i, j] at the CSR pattern (crow, cols) of shape ``w_shape``, float32 or wider, (k,).
+
+    The tokens are taken in chunks whose float32 copies of A and B hold at most
+    ``_SPARSE_GRAD_CHUNK`` elements.
+    """
+    acc = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    n = a.shape[0]
+    step = max(1, _SPARSE_GRAD_CHUNK // (a.shape[1] + b.shape[1]))
+    zeros = torch.zeros(cols.numel(), dtype=acc, device=a.device)  # beta = 0 still reads them
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" is not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=tuple(w_shape))
+    out = None
+    for s in range(0, n, step):
+        part = torch.sparse.sampled_addmm(
+            pattern, a[s : s + step].t().to(acc), b[s : s + step].to(acc), beta=0.0
+        ).values()
+        out = part if out is None else out.add_(part)
+    return out
 
 
 class Conv2dOp:
@@ -288,8 +325,8 @@ class SparseDeltaFunction(torch.autograd.Function):
             )
         cdtype = autocast_dtype(x.device.type)
         x_dtype, bias_dtype = x.dtype, None if bias is None else bias.dtype
-        with torch.autocast(x.device.type, enabled=False), \
-                _weight_for(weight, delta, indices, noise, noise_amp, noise_seed) as w:
+        weight_ctx = _weight_for(weight, delta, indices, noise, noise_amp, noise_seed)
+        with torch.autocast(x.device.type, enabled=False), weight_ctx as w:
             if cdtype is not None:
                 x, w = x.to(cdtype), w.to(cdtype)
                 bias = bias.to(cdtype) if bias is not None else None
@@ -300,6 +337,8 @@ class SparseDeltaFunction(torch.autograd.Function):
             y = op.forward(x, w, bias)
             del w
         ctx.op, ctx.noise, ctx.noise_amp, ctx.noise_seed, ctx.cdtype = op, noise, noise_amp, noise_seed, cdtype
+        # W0[idx] (k values), reused by backward's patch of the weight for the input gradient
+        ctx.orig = getattr(weight_ctx, "orig", None) if ctx.needs_input_grad[0] else None
         ctx.x_shape, ctx.x_dtype, ctx.bias_dtype = x.shape, x_dtype, bias_dtype
         need_x = ctx.needs_input_grad[1]
         ctx.save_for_backward(x if need_x else None, delta, weight, indices)
@@ -313,7 +352,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out if ctx.cdtype is None else grad_out.to(ctx.cdtype)
             if need_x:
-                with _weight_for(weight, delta, indices, ctx.noise, ctx.noise_amp, ctx.noise_seed) as w:
+                with _weight_for(weight, delta, indices, ctx.noise, ctx.noise_amp, ctx.noise_seed,
+                                 ctx.orig) as w:
                     if ctx.cdtype is not None:
                         w = w.to(ctx.cdtype)
                     gx = ctx.op.grad_input(g, ctx.x_shape, w).to(ctx.x_dtype)

@@ -24,6 +24,7 @@ Pure functions on one matrix; no model, no I/O. :func:`frogwatch.frog.select.sel
     ``|W_ij|``.
 ``random``
     Uniform random values from a generator seeded by ``(seed, matrix name)``: a seeded random mask.
+    ``select``'s default: none of the scores above adapted better than it in the benchmark.
 
 :func:`pick` adds the mixture: a share of the k entries chosen uniformly at random (same
 generator), the rest by score among the remaining entries.

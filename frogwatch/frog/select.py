@@ -1,7 +1,9 @@
 """FROG selection: which individual weights to fine-tune (docs/method.md#relevance, #budget, #blend).
 
-:func:`select` reads the targeted matrices of any model source one at a time, scores them with
-the SVD relevance S, allocates the budget, and returns :class:`~frogwatch.frog.masks.Masks`.
+:func:`select` reads the targeted matrices of any model source one at a time, allocates the budget
+over them (Frobenius shares, optionally α-blended), picks each matrix's entries by a score (default
+``random``: a seeded random mask; FROG's SVD relevance S and its variants by name), and returns
+:class:`~frogwatch.frog.masks.Masks`.
 
 Memory: both strategies hold about one matrix's S at a time. ``per_matrix`` reads every matrix
 twice (once for the Frobenius norms that set the budgets, once for S). ``global`` reads each matrix
@@ -41,9 +43,12 @@ from .scores import (
     relevance_2d,
 )
 
-__all__ = ["SCORES", "STRATEGIES", "relevance", "resolve_targets", "select"]
+__all__ = ["DEFAULT_SCORE", "SCORES", "STRATEGIES", "relevance", "resolve_targets", "select"]
 
 STRATEGIES = ("per_matrix", "global")
+#: ``select``'s default score: no data-free score beat a random mask of the same per-matrix counts
+#: (benchmarks/results_finetune.md, issue 10), so the default is the seeded random mask.
+DEFAULT_SCORE = "random"
 TargetSpec = Union[str, Sequence[str], Callable[[str, LayerMatrix], bool]]
 
 # Output heads recognised by name in checkpoints read from files (no module to ask).
@@ -155,7 +160,7 @@ def select(
     method: str = "exact",
     rank: int | None = None,
     progress: bool = True,
-    score: str | None = None,
+    score: str = DEFAULT_SCORE,
     random_share: float = 0.0,
     seed: int = 0,
     min_per_matrix: int = 0,
@@ -187,24 +192,28 @@ def select(
         ``undertrained-first`` (default) gives larger-α layers more budget; see
         :func:`~frogwatch.frog.scores.alpha_multipliers` for the map.
     method : {"exact", "randomized", "auto"}
-        How S is computed; see :func:`relevance`.
+        How S is computed; see :func:`relevance`. Only with the scores ``relevance``, ``balanced``
+        and ``normalized`` (ValueError otherwise).
     rank : int, optional
-        Rank of a truncated / randomized S.
+        Rank of a truncated / randomized S (same scores).
     progress : bool
         Show a tqdm progress bar.
-    score : {"balanced", "relevance", "normalized", "bulk", "magnitude", "random"}, optional
-        Default ``None``: ``"balanced"`` with ``per_matrix``, ``"relevance"`` with ``global`` (the
-        benchmark's choice, README "Does FROG help?"). Which entries of a matrix are picked (:mod:`frogwatch.frog.scorers`): FROG's relevance S,
-        row- and column-balanced top-S, S divided by its row and column means, S of the
-        Marchenko–Pastur bulk (spikes removed), ``|W|``, or a seeded random mask. ``balanced``
-        needs ``strategy="per_matrix"``. ``Masks.scores`` then holds this score of the selected
-        entries (relevance S for ``relevance`` and ``balanced``).
+    score : {"random", "relevance", "balanced", "normalized", "bulk", "magnitude"}
+        Which entries of a matrix are picked (:mod:`frogwatch.frog.scorers`). Default ``"random"``:
+        uniformly random entries, seeded by ``seed`` and the matrix name (no SVD is computed). On
+        every task of the benchmark no data-free score adapted better than a random mask of the same
+        per-matrix counts, and FROG's top-S adapted significantly worse (README "Does FROG help?",
+        benchmarks/results_finetune.md). The others: FROG's relevance S (top-k), row- and
+        column-balanced top-S (``per_matrix`` only), S divided by its row and column means, S of the
+        Marchenko–Pastur bulk (spikes removed), ``|W|``. ``None`` means the default.
+        ``Masks.scores`` holds this score of the selected entries (relevance S for ``relevance`` and
+        ``balanced``; ``prepare``'s relevance-scaled init computes S itself for the others).
     random_share : float
         Share in [0, 1] of each matrix's count drawn uniformly at random (seeded by ``seed`` and
         the matrix name); the rest is picked by ``score``. With ``global``, ``round(ρ·T_trainable)``
         random entries are spread over the matrices in proportion to their sizes.
     seed : int
-        Seed of the ``random`` score and of ``random_share``.
+        Seed of the ``random`` score (the default) and of ``random_share``.
     min_per_matrix : int
         Every targeted matrix gets at least ``min(min_per_matrix, size)`` entries. With ``global``
         these are each matrix's top entries and the rest of the budget is ranked globally. When a
@@ -217,11 +226,16 @@ def select(
     _check_choice(strategy, STRATEGIES, "strategy")
     _check_choice(method, METHODS, "method")
     if score is None:
-        score = "balanced" if strategy == "per_matrix" else "relevance"
+        score = DEFAULT_SCORE
     score = check_choice(score, "score", "select", SCORES)
     rho = check_float(random_share, "random_share", "select", low=0.0, high=1.0)
     seed = check_int(seed, "seed", "select")
     floor = check_int(min_per_matrix, "min_per_matrix", "select", low=0)
+    if (method != "exact" or rank is not None) and score not in ("relevance", "balanced", "normalized"):
+        raise ValueError(
+            f"select: method and rank set how S is computed; score {score!r} uses no truncated S "
+            "(pass score='relevance', 'balanced' or 'normalized')"
+        )
     if score == "balanced" and strategy != "per_matrix":
         raise ValueError("select: score 'balanced' needs strategy='per_matrix' (its caps are per matrix)")
     lam = check_blend(blend)
