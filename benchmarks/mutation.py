@@ -44,7 +44,7 @@ MODULES: dict[str, list[str]] = {
     # the engine (frogwatch/frog/engine.py only re-exports these three)
     "frogwatch/frog/ops.py": ["tests/test_frog_ops.py", "tests/test_engine.py"],
     "frogwatch/frog/layer.py": ["tests/test_frog_layer.py", "tests/test_engine.py"],
-    "frogwatch/frog/model.py": ["tests/test_engine.py", "tests/test_engine_merge.py"],
+    "frogwatch/frog/model.py": ["tests/test_frog_model.py", "tests/test_engine.py", "tests/test_engine_merge.py"],
 }
 
 

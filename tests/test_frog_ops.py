@@ -121,8 +121,17 @@ def _dense_grad(g, x, transposed):
     return x2.t() @ g2 if transposed else g2.t() @ x2
 
 
+def _force_path(monkeypatch, path):
+    """SDDMM when k * cost <= cells of the used block; else the block product if it is at most
+    _BLOCK_GRAD_MAX_FRACTION of W; else the dense product."""
+    cost = 0.0 if path == "sddmm" else float("inf")
+    monkeypatch.setattr(ops, "_SDDMM_COST", {torch.float32: cost, torch.float64: cost})
+    monkeypatch.setattr(ops, "_SDDMM_COST_LOW", cost)
+    monkeypatch.setattr(ops, "_BLOCK_GRAD_MAX_FRACTION", 1.0 if path == "block" else 0.0)
+
+
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("path", ["sparse", "block", "dense"])
+@pytest.mark.parametrize("path", ["sddmm", "block", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_grad_at_equals_the_dense_gradient_on_every_path(monkeypatch, transposed, path, dtype):
     gen = torch.Generator().manual_seed(3)
@@ -130,24 +139,23 @@ def test_grad_at_equals_the_dense_gradient_on_every_path(monkeypatch, transposed
     g = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64).to(dtype)  # (batch, seq, out)
     w_shape = torch.Size((7, 6) if transposed else (6, 7))
     idx = torch.tensor([0, 3, 8, 9, 10, 17, 29, 41])  # 8 of 42 entries, several rows and columns
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
-    monkeypatch.setattr(ops, "_BLOCK_GRAD_MAX_FRACTION", 1.0 if path == "block" else 0.0)
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 30)  # 30 // 10 rows = 3 entries per chunk: 3 chunks
+    _force_path(monkeypatch, path)
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 30)  # 30 // (7 + 6) = 2 tokens per chunk: 5 chunks
     got = ops.DenseOp(transposed).grad_at(g, x, w_shape, idx)
     want = _dense_grad(g, x, transposed).reshape(-1)[idx]
-    if path == "sparse":  # accumulated in float32 for bf16/fp16, else in the input's dtype
+    if path == "sddmm":  # accumulated in float32 for bf16/fp16, else in the input's dtype
         assert got.dtype == (torch.float32 if dtype == torch.bfloat16 else torch.float64)
     if dtype == torch.float64:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    elif path == "sparse":  # exact bf16 products, float32 sums
+    elif path == "sddmm":  # exact bf16 products, float32 sums
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     else:  # the product itself in bf16
         torch.testing.assert_close(got.double(), want, rtol=0, atol=0.02 * float(want.abs().max()))
 
 
-def test_grad_at_one_row_per_chunk(monkeypatch):
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_MAX_DENSITY", 1.0)
-    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 4)  # fewer than the 10 rows of x: one entry per chunk
+def test_grad_at_one_token_per_chunk(monkeypatch):
+    _force_path(monkeypatch, "sddmm")
+    monkeypatch.setattr(ops, "_SPARSE_GRAD_CHUNK", 4)  # fewer than 7 + 6 columns: one token per chunk
     gen = torch.Generator().manual_seed(4)
     x, g = torch.randn(10, 7, generator=gen, dtype=torch.float64), torch.randn(10, 6, generator=gen, dtype=torch.float64)
     idx = torch.arange(0, 42, 5)
@@ -155,32 +163,35 @@ def test_grad_at_one_row_per_chunk(monkeypatch):
     torch.testing.assert_close(got, _dense_grad(g, x, False).reshape(-1)[idx], rtol=1e-12, atol=1e-12)
 
 
-def test_gradient_path_choice_and_block_plan_cache(monkeypatch):
-    """Below 0.2 % density the gradient is gathered entry by entry; above, from the dense product
-    restricted to the used rows and columns when they cover at most 70 % of W, else from all of it."""
-    plans = []
-    real = ops.DenseOp._block_plan
-
-    def spy(self, *args):
-        plans.append(real(self, *args))
-        return plans[-1]
-
-    monkeypatch.setattr(ops.DenseOp, "_block_plan", spy)
+def test_sddmm_choice_and_the_cached_plan(monkeypatch):
+    """SDDMM runs when k x its cost per entry (4 dense cells in float32/64, 12 in bf16) is at most
+    the cells of the block of used rows x columns; the plan is cached per index tensor."""
+    calls = []
+    real = ops._sddmm
+    monkeypatch.setattr(ops, "_sddmm", lambda *a: calls.append(a[0].dtype) or real(*a))
     gen = torch.Generator().manual_seed(5)
     x, g = torch.randn(4, 100, generator=gen, dtype=torch.float64), torch.randn(4, 50, generator=gen, dtype=torch.float64)
-    op, shape = ops.DenseOp(False), torch.Size((50, 100))  # 5000 entries: sparse up to 10 selected
+    op, shape = ops.DenseOp(False), torch.Size((50, 100))
     ref = _dense_grad(g, x, False).reshape(-1)
-    for idx in (torch.arange(10), torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304]),
-                torch.arange(0, 5000, 7)):  # fmt: skip
+    diagonal = torch.arange(10) * 101  # rows 0-9 x columns 0-9: 100 cells >= 10 x 4
+    block = torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304])  # 4 x 6 = 24 cells < 11 x 4
+    for idx, sddmm in ((diagonal, True), (block, False), (diagonal, True), (block, False)):
+        n = len(calls)
         torch.testing.assert_close(op.grad_at(g, x, shape, idx), ref[idx], rtol=1e-12, atol=1e-12)
-    assert len(plans) == 2  # 10 entries: sparse, no plan
-    r, c = plans[0]  # rows 0-3 and columns 0-5: a 24-entry block of the 5000
-    assert r.tolist() == [0, 1, 2, 3] and c.tolist() == [0, 1, 2, 3, 4, 5]
-    assert plans[1] == (None, None)  # every row and column in use: the full product
-    # the plan is cached per index tensor: new indices of the same length get a new plan
-    a, b = torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304]), torch.arange(4000, 4011)
-    for idx in (a, b, a):
-        torch.testing.assert_close(op.grad_at(g, x, shape, idx), ref[idx], rtol=1e-12, atol=1e-12)
+        assert (len(calls) > n) == sddmm, idx
+    spread = torch.arange(0, 5000, 7)  # every row and column: 714 x 12 > 5000 cells in bf16
+    got = op.grad_at(g.bfloat16(), x.bfloat16(), shape, spread)
+    assert len(calls) == 2 and got.dtype == torch.bfloat16  # the dense bf16 product
+    torch.testing.assert_close(got.double(), ref[spread], rtol=0, atol=0.05 * float(ref.abs().max()))
+    got = op.grad_at(g, x, shape, spread)  # 714 x 4 <= 5000 cells in float64
+    assert len(calls) == 3
+    torch.testing.assert_close(got, ref[spread], rtol=1e-12, atol=1e-12)
+    # the same index tensor changed in place is a new selection: the plan is rebuilt
+    idx = block.clone()
+    _force_path(monkeypatch, "block")
+    op.grad_at(g, x, shape, idx)
+    idx[-1] = 4999
+    torch.testing.assert_close(op.grad_at(g, x, shape, idx), ref[idx], rtol=1e-12, atol=1e-12)
 
 
 def test_single_selected_weight_gets_its_gradient():

@@ -501,22 +501,6 @@ def test_default_score_is_the_seeded_random_mask_for_both_strategies():
     assert g == select(model, 0.2, strategy="global", score="random", seed=0) and g.meta["score"] == "random"
 
 
-def test_init_scale_uses_relevance_whatever_the_selection_score():
-    """prepare's relevance-scaled init multiplies by S, not by the score that picked the entries."""
-    from frogwatch.frog.masks import Masks
-    from frogwatch.frog.model import prepare
-
-    model = mlp(seed=2)
-    for score in ("random", "magnitude", "normalized"):
-        masks = select(model, 0.3, score=score, progress=False)
-        plain = Masks.from_indices({n: masks.indices(n) for n in masks}, {n: masks.info(n).shape for n in masks})
-        a = prepare(copy.deepcopy(model), masks, init_scale=0.1, seed=4)
-        b = prepare(copy.deepcopy(model), plain, init_scale=0.1, seed=4)  # no scores: prepare computes S
-        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
-            assert na == nb
-            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=0, msg=f"{score}: {na}")
-
-
 # ---- zero-budget matrices, meta, global random share with floors (found by benchmarks/mutation.py)
 
 
@@ -525,7 +509,7 @@ def test_per_matrix_zero_budget_matrix_in_the_middle():
     with torch.no_grad():
         model[2].weight.zero_()  # R = 0: no budget
     with pytest.warns(UserWarning, match=r"1 of 3 targeted matrices got no weights"):
-        m = select(model, 12, score="relevance", progress=False)
+        m = select(model, 12, progress=False)
     assert m.counts()["2"] == 0 and m.indices("2").dtype == torch.int64 and m.scores("2").numel() == 0
     assert math.isnan(m.info("2").energy) and m.info("2").score_sum == 0.0
     Ws = weights(model)
@@ -576,13 +560,12 @@ def _global_reference(model, total, rho, floor, seed):
 def test_global_random_share_and_floor_against_brute_force(budget, rho, floor):
     model = mlp(seed=1, dims=(40, 30, 4, 3))
     total = int(math.floor(budget * (1200 + 120 + 12) + 0.5))
-    m = select(model, budget, strategy="global", score="relevance", random_share=rho, min_per_matrix=floor, seed=3,
-               progress=False)  # fmt: skip
+    m = select(model, budget, strategy="global", random_share=rho, min_per_matrix=floor, seed=3, progress=False)
     assert m.n_selected == total
     for name, idx in _global_reference(model, total, rho, floor, seed=3).items():
         np.testing.assert_array_equal(m.indices(name).numpy(), idx, err_msg=name)
-    assert m == select(model, budget, strategy="global", score="relevance", random_share=rho, min_per_matrix=floor,
-                       seed=3, progress=False)  # fmt: skip
+    assert m == select(model, budget, strategy="global", random_share=rho, min_per_matrix=floor, seed=3,
+                       progress=False)  # fmt: skip
 
 
 def test_global_floor_plus_random_share_beyond_the_budget_is_an_error():
@@ -592,3 +575,19 @@ def test_global_floor_plus_random_share_beyond_the_budget_is_an_error():
     assert str(e.value) == (
         "select: min_per_matrix 1 plus random_share 1.0 need more than the 10 weights of the budget"
     )
+
+
+def test_init_scale_uses_relevance_whatever_the_selection_score():
+    """prepare's relevance-scaled init multiplies by S, not by the score that picked the entries."""
+    from frogwatch.frog.masks import Masks
+    from frogwatch.frog.model import prepare
+
+    model = mlp(seed=2)
+    for score in ("random", "magnitude", "normalized"):
+        masks = select(model, 0.3, score=score, progress=False)
+        plain = Masks.from_indices({n: masks.indices(n) for n in masks}, {n: masks.info(n).shape for n in masks})
+        a = prepare(copy.deepcopy(model), masks, init_scale=0.1, seed=4)
+        b = prepare(copy.deepcopy(model), plain, init_scale=0.1, seed=4)  # no scores: prepare computes S
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert na == nb
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=0, msg=f"{score}: {na}")
