@@ -30,15 +30,15 @@ __all__ = ["NoiseAmplitude", "SparseDeltaFunction", "derive_seed", "effective", 
 #   dense product in the same dtype, so it runs when k * cost <= the cells of the dense (block)
 #   product. Measured (``benchmarks/grad_at.py``, BENCHMARKS.md section 7; 2-core AMD EPYC with
 #   AVX512-bf16, 1 thread, 64-2048 tokens, 2048x2048 / 5632x2048 / 2048x5632, uniform selections):
-#   at 5 % density one entry costs 9-31 bf16 cells (SDDMM / dense time 0.45-1.5) and 3-11 fp32
-#   cells (0.14-0.57); at 0.1-1 % SDDMM takes 0.14-0.48x the bf16 and 0.02-0.17x the fp32 dense
-#   time. Hence the crossovers at 5 % (bf16 / fp16) and 10 % (fp32) density. CPU only: a GPU
-#   keeps the dense products (not measured there).
+#   at 5 % density one entry costs 9-43 bf16 cells (median 17; SDDMM / dense time 0.45-2.1) and
+#   3-18 fp32 cells (median 6; 0.14-0.88); at 0.1-1 % SDDMM takes 0.14-0.57x the bf16 and
+#   0.02-0.22x the fp32 dense time. Hence the crossovers at 4 % (bf16 / fp16) and 10 % (fp32)
+#   density. CPU only: a GPU keeps the dense products (not measured there).
 # - else the product restricted to the rows x columns holding a selection when that block is at
 #   most _BLOCK_GRAD_MAX_FRACTION of the matrix (FROG's selections concentrate: at G = 1 % on
 #   MiniLM they touch ~40 % of rows and ~50 % of columns); else the full dense product.
 _SDDMM_COST = {torch.float32: 10.0, torch.float64: 10.0}  # other dtypes (bf16, fp16): _SDDMM_COST_LOW
-_SDDMM_COST_LOW = 20.0
+_SDDMM_COST_LOW = 25.0
 _BLOCK_GRAD_MAX_FRACTION = 0.7
 _SPARSE_GRAD_CHUNK = 1 << 22  # elements of the float32 token-chunk copies of A and B per SDDMM call
 # Entries of S below this fraction of their row's maximum are coded as that floor: it bounds the
@@ -277,9 +277,10 @@ def _sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, cols: torch.Ten
         pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=tuple(w_shape))
     out = None
     for s in range(0, n, step):
-        part = torch.sparse.sampled_addmm(
-            pattern, a[s : s + step].t().to(acc), b[s : s + step].to(acc), beta=0.0
-        ).values()
+        # float32 copies with the tokens contiguous: each dot product reads two contiguous rows
+        a_t = a[s : s + step].t().to(acc, memory_format=torch.contiguous_format)
+        b_t = b[s : s + step].t().to(acc, memory_format=torch.contiguous_format)
+        part = torch.sparse.sampled_addmm(pattern, a_t, b_t.t(), beta=0.0).values()
         out = part if out is None else out.add_(part)
     return out
 
