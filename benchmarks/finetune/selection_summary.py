@@ -80,7 +80,8 @@ def confirmation(df: pd.DataFrame) -> None:
     for task in sorted(df["task"].unique()):
         d = df[df["task"] == task]
         t = paired_tests(d, task, "target_metric", [("default", "random"), ("balanced", "random")])
-        for bud in [*sorted(d["budget"].unique()), "pooled"]:
+        budgets = sorted(d["budget"].unique())
+        for bud in [*budgets, "pooled"] if len(budgets) > 1 else budgets:
             label = "pooled" if bud == "pooled" else f"{100 * bud:g}%"
             means = []
             for m in ("default", "random", "balanced"):
