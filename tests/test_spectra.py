@@ -209,11 +209,11 @@ def test_svd_route_resolves_tiny_singular_values():
     W = _tiny_sv_matrix()
     for kwargs in ({"method": "svd"}, {"method": "svd", "device": torch.device("cpu")}):
         ev = eigenvalues(W, **kwargs)
-        assert ev[0] == pytest.approx(1e-18, rel=1e-3), kwargs
+        assert ev[0] == pytest.approx(1e-18, rel=1e-3, abs=0), kwargs
     for kwargs in ({}, {"device": torch.device("cpu")}):  # the Gram routes cannot see it
-        assert eigenvalues(W, **kwargs)[0] != pytest.approx(1e-18, rel=1e-3)
+        assert eigenvalues(W, **kwargs)[0] != pytest.approx(1e-18, rel=1e-3, abs=0)
     sp = spectrum([W], method="svd")
-    assert sp.evals[0] == pytest.approx(1e-18, rel=1e-3)
+    assert sp.evals[0] == pytest.approx(1e-18, rel=1e-3, abs=0)
     assert sp.rank == 4  # sv rule: 1e-9 > 1 * 30 * eps
     assert spectrum([W]).rank == 3  # eigenvalue rule: 1e-18 < 1 * 30 * eps
 
