@@ -86,14 +86,17 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
     if method.startswith("frog"):
         from frogwatch.frog.masks import Masks
 
-        idx, shapes = {}, {}
+        idx, shapes, scores = {}, {}, {}
         for n in names:
             w = model.get_submodule(n).weight
             k = rank * (w.shape[0] + w.shape[1])
-            idx[n] = w.detach().abs().reshape(-1).topk(k).indices.sort().values.to(torch.int32).cpu()
+            top = w.detach().abs().reshape(-1).topk(k)
+            order = top.indices.argsort()
+            idx[n] = top.indices[order].to(torch.int32).cpu()
+            scores[n] = top.values[order].float().cpu()  # given, as a selection ships S: no recompute
             shapes[n] = tuple(w.shape)
-        masks = Masks.from_indices(idx, shapes)  # int32 indices only, as a selection gives them
-        del idx
+        masks = Masks.from_indices(idx, shapes, scores=scores)  # int32 indices, as a selection's
+        del idx, scores, top, order
     from peft import LoraConfig, get_peft_model  # imported before measuring: code is not state
 
     from frogwatch.frog.io import save_delta as write_delta

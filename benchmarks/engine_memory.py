@@ -152,7 +152,8 @@ def setup(method: str, model: nn.Module, masks: dict) -> tuple[nn.Module, list, 
         if method == "frog-dense":
             from frogwatch.frog import ops
 
-            ops._SPARSE_GRAD_MAX_DENSITY = ops._BLOCK_GRAD_MAX_FRACTION = 0.0
+            ops._SDDMM_COST, ops._SDDMM_COST_LOW = {}, float("inf")  # never the SDDMM path
+            ops._BLOCK_GRAD_MAX_FRACTION = 0.0
         prepare(model, bool_masks, noise_scale=0.01 if method == "frog+noise" else 0.0)
         params = [p for p in model.parameters() if p.requires_grad]
     elif method == "lora":

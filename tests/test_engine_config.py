@@ -179,8 +179,9 @@ def _force_sddmm(monkeypatch, chunk: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("chunk_tokens", [5, 12])  # 3 chunks (5, 5, 2 tokens) / all 12 tokens at once
-def test_multi_chunk_sparse_gradient(monkeypatch, dtype, transposed, chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens, index_dtype", [  # 3 chunks (5, 5, 2 tokens) / all 12 at once
+    (5, torch.int32), (12, torch.int32), (5, torch.int64)])
+def test_multi_chunk_sparse_gradient(monkeypatch, dtype, transposed, chunk_tokens, index_dtype):
     torch.manual_seed(0)
     tokens, n_in, n_out = 12, 20, 30
     _force_sddmm(monkeypatch, chunk_tokens * (n_in + n_out))
@@ -189,7 +190,7 @@ def test_multi_chunk_sparse_gradient(monkeypatch, dtype, transposed, chunk_token
     mask[3] = False  # an empty row in the CSR pattern
     g = torch.randn(tokens, n_out, dtype=dtype)
     x = torch.randn(tokens, n_in, dtype=dtype)
-    idx = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+    idx = mask.reshape(-1).nonzero().squeeze(1).to(index_dtype)
     got = ops.DenseOp(transposed).grad_at(g, x, torch.Size(shape), idx)
     dense = (x.double().t() @ g.double()) if transposed else (g.double().t() @ x.double())
     assert got.dtype == torch.float32  # bf16 products are accumulated in float32

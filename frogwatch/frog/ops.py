@@ -26,18 +26,19 @@ __all__ = ["NoiseAmplitude", "SparseDeltaFunction", "derive_seed", "effective", 
 
 # How dense layers form delta's gradient dL/dW[idx] (dL/dW = A^T B, both (tokens x dim)), per call:
 # - SDDMM: ``torch.sparse.sampled_addmm`` on the CSR pattern of the selection (row pointers cached
-#   per layer), float32 inputs; it costs about _SDDMM_COST[dtype] times one cell of the dense bf16 /
-#   fp32 product per selected entry, so it runs when k * cost <= the cells of the dense (block)
-#   product. Measured on a 2-core AVX512-bf16 CPU, 1 thread, 64-512 tokens, 2048x2048 / 5632x2048 /
-#   2048x5632, uniform selections (``benchmarks/grad_at.py``, BENCHMARKS.md section 7): one entry
-#   costs 8-17 dense bf16 cells and 3-6 fp32 cells, so SDDMM wins below ~6 % (bf16) and ~20 % (fp32)
-#   density; at k = 0.8 % of a bf16 matrix it takes 7-12 % of the dense product's time. CPU only:
-#   the GPU keeps the dense products (not measured there).
+#   per layer), float32 inputs; one selected entry costs about _SDDMM_COST[dtype] cells of the
+#   dense product in the same dtype, so it runs when k * cost <= the cells of the dense (block)
+#   product. Measured (``benchmarks/grad_at.py``, BENCHMARKS.md section 7; 2-core AMD EPYC with
+#   AVX512-bf16, 1 thread, 64-2048 tokens, 2048x2048 / 5632x2048 / 2048x5632, uniform selections):
+#   at 5 % density one entry costs 9-43 bf16 cells (median 17; SDDMM / dense time 0.45-2.1) and
+#   3-18 fp32 cells (median 6; 0.14-0.88); at 0.1-1 % SDDMM takes 0.14-0.57x the bf16 and
+#   0.02-0.22x the fp32 dense time. Hence the crossovers at 4 % (bf16 / fp16) and 10 % (fp32)
+#   density. CPU only: a GPU keeps the dense products (not measured there).
 # - else the product restricted to the rows x columns holding a selection when that block is at
 #   most _BLOCK_GRAD_MAX_FRACTION of the matrix (FROG's selections concentrate: at G = 1 % on
 #   MiniLM they touch ~40 % of rows and ~50 % of columns); else the full dense product.
-_SDDMM_COST = {torch.float32: 4.0, torch.float64: 4.0}  # other dtypes (bf16, fp16): _SDDMM_COST_LOW
-_SDDMM_COST_LOW = 12.0
+_SDDMM_COST = {torch.float32: 10.0, torch.float64: 10.0}  # other dtypes (bf16, fp16): _SDDMM_COST_LOW
+_SDDMM_COST_LOW = 25.0
 _BLOCK_GRAD_MAX_FRACTION = 0.7
 _SPARSE_GRAD_CHUNK = 1 << 22  # elements of the float32 token-chunk copies of A and B per SDDMM call
 # Entries of S below this fraction of their row's maximum are coded as that floor: it bounds the
@@ -212,14 +213,14 @@ class DenseOp:
         self.transposed = transposed
         self._plan: tuple | None = None  # (key, indices, used rows, used cols, CSR row pointers)
 
-    def _grad_plan(
-        self, indices: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _grad_plan(self, indices: torch.Tensor, w_shape: torch.Size) -> tuple[torch.Tensor, ...]:
+        """Used rows and columns (sorted) and CSR row pointers (``indices``' dtype) of the selection."""
         # the plan holds the index tensor, so no other tensor can take its address meanwhile
-        key = (indices.data_ptr(), indices.device, indices.numel(), indices._version, n_rows)
+        key = (indices.data_ptr(), indices.device, indices.numel(), indices._version, tuple(w_shape))
         if self._plan is None or self._plan[0] != key:
-            crow = torch.zeros(n_rows + 1, dtype=torch.long, device=indices.device)
-            torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+            rows, cols = indices // w_shape[1], indices % w_shape[1]
+            crow = torch.zeros(w_shape[0] + 1, dtype=indices.dtype, device=indices.device)
+            torch.cumsum(torch.bincount(rows, minlength=w_shape[0]), 0, out=crow[1:])
             self._plan = (key, indices, torch.unique_consecutive(rows), torch.unique(cols), crow)
         return self._plan[2:]
 
@@ -248,14 +249,13 @@ class DenseOp:
         x2 = x.reshape(-1, x.shape[-1])
         a, b = (x2, g2) if self.transposed else (g2, x2)  # dW[i, j] = sum_n a[n, i] b[n, j]
         k, size = indices.numel(), w_shape[0] * w_shape[1]
-        idx = indices.long()
-        rows, cols = idx // w_shape[1], idx % w_shape[1]
-        r_used, c_used, crow = self._grad_plan(indices, rows, cols, w_shape[0])
+        r_used, c_used, crow = self._grad_plan(indices, w_shape)
         cells = r_used.numel() * c_used.numel()
         if g.device.type == "cpu" and k * _SDDMM_COST.get(a.dtype, _SDDMM_COST_LOW) <= cells:
-            return _sddmm(a, b, crow, cols, w_shape)
+            return _sddmm(a, b, crow, indices % w_shape[1], w_shape)
         if cells > _BLOCK_GRAD_MAX_FRACTION * size:
             return (a.t() @ b).view(-1).index_select(0, indices)
+        rows, cols = indices // w_shape[1], indices % w_shape[1]
         block = a.index_select(1, r_used).t() @ b.index_select(1, c_used)
         pos = torch.searchsorted(r_used, rows) * c_used.numel() + torch.searchsorted(c_used, cols)
         return block.view(-1).index_select(0, pos)
@@ -277,9 +277,10 @@ def _sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, cols: torch.Ten
         pattern = torch.sparse_csr_tensor(crow, cols, zeros, size=tuple(w_shape))
     out = None
     for s in range(0, n, step):
-        part = torch.sparse.sampled_addmm(
-            pattern, a[s : s + step].t().to(acc), b[s : s + step].to(acc), beta=0.0
-        ).values()
+        # float32 copies with the tokens contiguous: each dot product reads two contiguous rows
+        a_t = a[s : s + step].t().to(acc, memory_format=torch.contiguous_format)
+        b_t = b[s : s + step].t().to(acc, memory_format=torch.contiguous_format)
+        part = torch.sparse.sampled_addmm(pattern, a_t, b_t.t(), beta=0.0).values()
         out = part if out is None else out.add_(part)
     return out
 
