@@ -164,8 +164,11 @@ def test_grad_at_one_token_per_chunk(monkeypatch):
 
 
 def test_sddmm_choice_and_the_cached_plan(monkeypatch):
-    """SDDMM runs when k x its cost per entry (4 dense cells in float32/64, 12 in bf16) is at most
-    the cells of the block of used rows x columns; the plan is cached per index tensor."""
+    """SDDMM runs when k x its cost per entry (in dense cells; set to 4 for float32/64 and 12 for
+    bf16 here) is at most the cells of the block of used rows x columns; the plan is cached per
+    index tensor."""
+    monkeypatch.setattr(ops, "_SDDMM_COST", {torch.float32: 4.0, torch.float64: 4.0})
+    monkeypatch.setattr(ops, "_SDDMM_COST_LOW", 12.0)
     calls = []
     real = ops._sddmm
     monkeypatch.setattr(ops, "_sddmm", lambda *a: calls.append(a[0].dtype) or real(*a))
