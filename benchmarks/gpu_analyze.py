@@ -43,21 +43,12 @@ import llm_fixtures  # noqa: E402
 
 import frogwatch  # noqa: E402
 
-WW_CHILD = r"""
+WW_CHILD = f"import sys; sys.path.insert(0, {str(HERE)!r})\n" + r"""
 import json, logging, sys, time, warnings
-import torch, transformers, weightwatcher as ww
-from pathlib import Path
-from safetensors.torch import load_file
+import weightwatcher as ww
+from llm_fixtures import float32_llama
 logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-path = sys.argv[1]
-cfg = transformers.LlamaConfig.from_pretrained(path)
-with torch.device("meta"):
-    m = transformers.LlamaForCausalLM(cfg)
-sd = {}
-for f in sorted(Path(path).glob("*.safetensors")):
-    sd.update({k: v.float() for k, v in load_file(str(f)).items()})
-m.load_state_dict(sd, assign=True, strict=False)
-m.eval()
+m = float32_llama(sys.argv[1])
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     t = time.perf_counter()

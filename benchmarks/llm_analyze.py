@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
 
-CHILD = r"""
+CHILD = f"import sys; sys.path.insert(0, {str(HERE)!r})\n" + r"""
 import json, os, sys, threading, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np, psutil, torch
@@ -52,18 +52,8 @@ def build(path, model):
     if model == "gpt2":
         torch.manual_seed(0)
         return transformers.GPT2Model(transformers.GPT2Config()).eval()
-    from safetensors.torch import load_file
-    from pathlib import Path
-    cfg = transformers.LlamaConfig.from_pretrained(path)
-    with torch.device("meta"):
-        m = transformers.LlamaForCausalLM(cfg)
-    sd = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        sd.update({k: v.float() for k, v in load_file(str(f)).items()})
-    m.load_state_dict(sd, assign=True, strict=False)
-    if cfg.tie_word_embeddings:
-        m.tie_weights()
-    return m.eval()
+    from llm_fixtures import float32_llama
+    return float32_llama(path)
 
 out = {}
 if mode == "frogwatch":

@@ -31,9 +31,6 @@ FIXTURES = {
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                       tie_word_embeddings=False),
-    "tinyllama-4": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
-                        num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                        tie_word_embeddings=False),
     "llama-tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=4, vocab_size=1000,
                        tie_word_embeddings=False),
@@ -41,6 +38,7 @@ FIXTURES = {
                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                             tie_word_embeddings=True),
 }  # fmt: skip
+FIXTURES["tinyllama-4"] = {**FIXTURES["tinyllama"], "num_hidden_layers": 4}
 SHARD_BYTES = 500 * 2**20
 INIT_STD = 0.02  # LlamaConfig's initializer_range
 DEFAULT_OUT = Path(__file__).resolve().parent / "fixtures"
@@ -70,6 +68,25 @@ def shapes(name: str) -> dict[str, tuple[int, ...]]:
     if not c["tie_word_embeddings"]:
         out["lm_head.weight"] = (v, h)
     return out
+
+
+def float32_llama(path: str | Path):
+    """The fixture at ``path`` as a float32 ``LlamaForCausalLM`` (for WeightWatcher, which does not
+    take bf16): built on the meta device, every shard read once and cast, weights tied as the
+    config says."""
+    import transformers
+    from safetensors.torch import load_file
+
+    cfg = transformers.LlamaConfig.from_pretrained(path)
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(cfg)
+    sd = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        sd.update({k: v.float() for k, v in load_file(str(f)).items()})
+    m.load_state_dict(sd, assign=True, strict=False)
+    if cfg.tie_word_embeddings:
+        m.tie_weights()
+    return m.eval()
 
 
 def config_json(name: str) -> dict:

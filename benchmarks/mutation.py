@@ -9,6 +9,11 @@ mutants that no test reaches count as survived.
     python benchmarks/mutation.py frogwatch/metrics.py # one module
     python benchmarks/mutation.py --show-survivors     # also print each surviving mutant's diff
 
+Equivalent mutants (a change no test can observe, e.g. ``dtype=None`` where the default is the
+same dtype) are listed with the reason in ``benchmarks/mutation_equivalents.txt``; the table gives
+the raw kill rate and the rate with those listed survivors left out. A mutant whose test run hangs
+or exceeds mutmut's CPU limit counts as killed (column ``timeout``), as mutmut counts it.
+
 Results and the command line that produced them are recorded in BENCHMARKS.md.
 """
 
@@ -37,10 +42,24 @@ MODULES: dict[str, list[str]] = {
     "frogwatch/frog/select.py": ["tests/test_frog_select.py"],
     "frogwatch/frog/masks.py": ["tests/test_frog_masks.py"],
     # the engine (frogwatch/frog/engine.py only re-exports these three)
-    "frogwatch/frog/ops.py": ["tests/test_engine.py"],
-    "frogwatch/frog/layer.py": ["tests/test_engine.py"],
-    "frogwatch/frog/model.py": ["tests/test_engine.py", "tests/test_engine_merge.py"],
+    "frogwatch/frog/ops.py": ["tests/test_frog_ops.py", "tests/test_engine.py"],
+    "frogwatch/frog/layer.py": ["tests/test_frog_layer.py", "tests/test_engine.py"],
+    "frogwatch/frog/model.py": ["tests/test_frog_model.py", "tests/test_engine.py", "tests/test_engine_merge.py"],
 }
+
+
+EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.txt")
+
+
+def equivalents() -> dict[str, str]:
+    """Mutant key -> why it is equivalent, from ``mutation_equivalents.txt`` (``key  reason`` lines)."""
+    out = {}
+    if EQUIVALENTS.exists():
+        for line in EQUIVALENTS.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, _, why = line.strip().partition(" ")
+                out[key] = why.strip()
+    return out
 
 
 def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
@@ -59,10 +78,10 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
         )
         (work / "pyproject.toml").write_text(cfg)
         env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()[0]
         r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
                            cwd=work, env=env, capture_output=True, text=True)
-        secs = time.time() - t0
+        secs, load1 = time.time() - t0, os.getloadavg()[0]
         meta_path = work / "mutants" / (module + ".meta")
         if not meta_path.exists():
             sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
@@ -70,17 +89,21 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
         codes = json.loads(meta_path.read_text())["exit_code_by_key"]
         count = collections.Counter(codes.values())
         killed = sum(n for c, n in count.items() if c not in (0, None, 33, 34))
-        survived = count.get(0, 0) + count.get(33, 0)  # 33: no test reached the mutant
+        timeout = sum(n for c, n in count.items() if c is not None and c < 0)  # CPU limit, hang
+        survivors = sorted(k for k, c in codes.items() if c in (0, 33))  # 33: no test reached it
+        survived = len(survivors)
+        eq = [k for k in survivors if k in equivalents()]
         if show:
-            for key, c in sorted(codes.items()):
-                if c in (0, 33):
-                    d = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=work,
-                                       env=env, capture_output=True, text=True).stdout
-                    print(f"--- survived: {key}\n{d}")
-        return {"module": module, "mutants": len(codes), "killed": killed, "survived": survived,
-                "other": len(codes) - killed - survived,
-                "kill_rate": killed / max(1, killed + survived), "seconds": round(secs),
-                "tests": " ".join(tests)}
+            for key in survivors:
+                d = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=work,
+                                   env=env, capture_output=True, text=True).stdout
+                tag = " (equivalent: " + equivalents()[key] + ")" if key in eq else ""
+                print(f"--- survived: {key}{tag}\n{d}")
+        return {"module": module, "mutants": len(codes), "killed": killed, "timeout": timeout,
+                "survived": survived, "equivalent": len(eq), "other": len(codes) - killed - survived,
+                "kill_rate": killed / max(1, killed + survived),
+                "kill_rate_eq": killed / max(1, killed + survived - len(eq)), "seconds": round(secs),
+                "load": f"{load0:.0f}-{load1:.0f}", "tests": ", ".join(tests)}
 
 
 def main() -> None:
@@ -94,15 +117,20 @@ def main() -> None:
         rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs))
         r = rows[-1]
         print(f"{m}: {r['killed']}/{r['killed'] + r['survived']} killed "
-              f"({100 * r['kill_rate']:.1f} %)", flush=True)
-    print("| module | mutants | killed | survived | kill rate | tests | time |")
-    print("|---|---|---|---|---|---|---|")
+              f"({100 * r['kill_rate']:.1f} %; {100 * r['kill_rate_eq']:.1f} % without "
+              f"{r['equivalent']} listed equivalents)", flush=True)
+    print("| module | tests | mutants | killed (timeout) | survived (equivalent) | raw kill rate | "
+          "kill rate excl. equivalents | time | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | "
-              f"{100 * r['kill_rate']:.1f} % | {r['tests']} | {r['seconds']} s |")
+        print(f"| {r['module']} | {r['tests']} | {r['mutants']} | {r['killed']} ({r['timeout']}) | "
+              f"{r['survived']} ({r['equivalent']}) | {100 * r['kill_rate']:.1f} % | "
+              f"{100 * r['kill_rate_eq']:.1f} % | {r['seconds']} s | {r['load']} |")
     k = sum(r["killed"] for r in rows)
     s = sum(r["survived"] for r in rows)
-    print(f"\nall: {k} killed, {s} survived, kill rate {100 * k / max(1, k + s):.1f} %")
+    e = sum(r["equivalent"] for r in rows)
+    print(f"\nall: {k} killed, {s} survived ({e} listed equivalent), kill rate {100 * k / max(1, k + s):.1f} %, "
+          f"{100 * k / max(1, k + s - e):.1f} % without the equivalents")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,15 @@ one dequantised matrix per worker in memory. See docs/method.md#gguf-input.
   models (per head, the rotary halves are interleaved). A row permutation leaves the singular
   values, hence every spectral metric, unchanged, but not element-wise distances; frogwatch undoes
   it for ``general.architecture == "llama"`` using the file's head counts.
+* **GPT-2.** Its Hugging Face ``Conv1D`` weights (in x out) are stored transposed by llama.cpp's
+  converter; they are read back as ``conv1d`` matrices, in x out, like the original's.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +53,9 @@ HF_PREFERENCE: dict[str, tuple[str, ...]] = {
 
 # Architectures whose llama.cpp converter interleaves the rotary halves of the q/k rows.
 _PERMUTED_QK = {"llama"}
+# GPT-2's Hugging Face Conv1D weights (in x out), which llama.cpp's converter transposes to (out, in):
+# read back as conv1d, in x out, so that element-wise distances to the original line up.
+_CONV1D = {"gpt2": re.compile(r"blk\.\d+\.(attn_qkv|attn_output|ffn_up|ffn_down)")}
 
 
 def _import_gguf() -> Any:
@@ -120,7 +126,7 @@ def _unpermute_rows(W: np.ndarray, n_head: int) -> np.ndarray:
     return W.reshape(n_head, rows // n_head // 2, 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
-def _loader(path: Path, tensor: Any, n_head: int | None) -> Callable[[], torch.Tensor]:
+def _loader(path: Path, tensor: Any, n_head: int | None, transpose: bool) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         from gguf import quants  # looked up per call: one tensor dequantised per load
 
@@ -134,7 +140,7 @@ def _loader(path: Path, tensor: Any, n_head: int | None) -> Callable[[], torch.T
         W = np.array(W, dtype=np.float32, copy=True)  # off the read-only memory map
         if n_head is not None:
             W = _unpermute_rows(W, n_head)
-        return torch.from_numpy(W)
+        return torch.from_numpy(np.ascontiguousarray(W.T) if transpose else W)
 
     return load
 
@@ -172,16 +178,21 @@ def gguf_matrices(path: Path) -> list[LayerMatrix]:
     names = hf_names(arch, int(n_blocks), [t.name[: -len(".weight")] for t in tensors])
     n_head = _field(reader, f"{arch}.attention.head_count")
     n_head_kv = _field(reader, f"{arch}.attention.head_count_kv") or n_head
-    entries = []
+    entries, conv1d = [], set()
     for t in tensors:
         short = t.name[: -len(".weight")]
         heads = None
         if arch in _PERMUTED_QK and n_head and re.fullmatch(r"blk\.\d+\.attn_[qk]", short):
             heads = int(n_head if short.endswith("attn_q") else n_head_kv)
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        entries.append((names[short] + ".weight", shape, _loader(path, t, heads), None))
+        transpose = arch in _CONV1D and bool(_CONV1D[arch].fullmatch(short)) and len(shape) == 2
+        if transpose:
+            shape = shape[::-1]
+            conv1d.add(names[short])
+        entries.append((names[short] + ".weight", shape, _loader(path, t, heads, transpose), None))
     entries.sort(key=lambda e: natural_key(e[0]))
-    out = _entries_to_matrices(entries)
+    out = [replace(lm, layer_type="conv1d") if lm.name in conv1d else lm
+           for lm in _entries_to_matrices(entries)]  # fmt: skip
     if not out:
         raise SourceError(f"{path}: the GGUF file holds no 2-D weight tensor")
     return out

@@ -4,12 +4,17 @@
 ``solve(item, loaded)`` (its spectrum, fit and row), and gets the results back in the order of the
 items. Reading runs one tensor ahead in a background thread; solving runs on ``workers`` threads
 (LAPACK and ctypes release the GIL), each with one BLAS thread when there are several. Matrices
-start largest first so that the last ones to finish are small and no core idles at the end; once
-the last matrix is the only one left running, its remaining BLAS/LAPACK calls get every core.
+start largest first so that the last ones to finish are small and no core idles at the end.
+
+The last matrix does not get the idle cores: OpenBLAS's results depend on its thread count (the
+eigenvalues of one 2000 x 900 Gram matrix differ by up to 2e-11 between 1 and 2 threads), so a row's
+last bits would depend on which matrix happened to finish last. One BLAS thread per solver keeps
+``analyze`` bit-reproducible, whatever the timing and whichever layers are analysed together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -87,37 +92,15 @@ class CostProgress:
         self.bar.close()
 
 
-class _BlasThreads:
-    """One BLAS thread per solver while several solve; every core back for the last one alone.
+@contextlib.contextmanager
+def _blas_threads(workers: int):
+    if workers <= 1:  # one matrix at a time: BLAS keeps all its threads
+        yield
+        return
+    from threadpoolctl import threadpool_limits
 
-    OpenBLAS/MKL thread counts are process-wide, so the count can only follow how many solves run
-    at once: ``tail()`` is called when one solve is left and nothing waits, and from then on the
-    running solve's BLAS calls use ``workers`` threads. It must be called from the thread that
-    entered the context: OpenBLAS ignores a new thread count set from one of the solver threads.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._limits: Any = None
-        self.widened = False
-
-    def __enter__(self) -> "_BlasThreads":
-        if self.workers > 1:  # one matrix at a time: BLAS keeps all its threads
-            from threadpoolctl import threadpool_limits
-
-            self._limits = threadpool_limits(limits=1, user_api="blas")
-        return self
-
-    def tail(self) -> None:
-        if self._limits is not None and not self.widened:
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(limits=self.workers, user_api="blas")
-            self.widened = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._limits is not None:
-            self._limits.restore_original_limits()
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def pipeline(
@@ -137,30 +120,19 @@ def pipeline(
     finish in their threads and their results are dropped.
     """
     n = len(items)
-    workers = max(1, min(workers, n))
     done: queue.Queue = queue.Queue()
     slots = threading.Semaphore(workers + ahead)
     stop = threading.Event()
     loader = ThreadPoolExecutor(1, thread_name_prefix="frogwatch-load")
     pool = ThreadPoolExecutor(workers, thread_name_prefix="frogwatch-solve")
 
-    waiting, running = [n], [0]  # matrices not yet handed to a solver / solving now
-    lock = threading.Lock()
-
-    def count(start: int, stop_: int) -> None:
-        with lock:
-            waiting[0] -= start
-            running[0] += start - stop_
-
     def run_solve(pos: int, item: Any, loaded: Any) -> None:
-        count(1, 0)
         try:
             if not stop.is_set():
                 done.put((pos, solve(item, loaded), None))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             done.put((pos, None, e))
         finally:
-            count(0, 1)
             slots.release()
 
     def run_load(pos: int, item: Any) -> None:
@@ -175,16 +147,13 @@ def pipeline(
             if not stop.is_set():
                 done.put((pos, None, e))
 
-    with _BlasThreads(workers) as blas:
+    with _blas_threads(workers):
         try:
             started = got = 0
             while got < n:
                 while started < n and slots.acquire(blocking=False):
                     loader.submit(run_load, started, items[started])
                     started += 1
-                with lock:
-                    if waiting[0] == 0 and running[0] == 1:
-                        blas.tail()
                 try:
                     pos, result, err = done.get(timeout=0.05)  # short: Ctrl-C stays responsive
                 except queue.Empty:

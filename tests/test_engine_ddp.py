@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 
 from frogwatch.frog.layer import frog_layers
 from frogwatch.frog.model import prepare
+from _procs import free_port, leave_worker
 
 WORLD, STEPS, BATCH = 2, 3, 6
 
@@ -62,21 +62,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Leave without C++ static destructors: at interpreter exit a gloo worker thread can still be
-    # joinable under load and abort the process ('terminate called without an active exception')
-    # after every result is written. Errors above still propagate and fail the test.
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_keeps_delta_identical_across_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     ranks = results[0]["deltas"]
     assert all(r["frozen_ok"] for r in results)

@@ -7,7 +7,6 @@ the deltas against one process training on the whole batch, and that the base we
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from frogwatch.frog.layer import frog_layers
 from frogwatch.frog.model import prepare
+from _procs import free_port, leave_worker
 
 WORLD, STEPS, BATCH = 2, 3, 6
 
@@ -108,10 +108,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype) -> None
         dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
-    # Leave without C++ static destructors: at interpreter exit a gloo worker thread can still be
-    # joinable under load and abort the process ('terminate called without an active exception')
-    # after every result is written. Errors above still propagate and fail the test.
-    os._exit(0)
+    leave_worker()
 
 
 def _accelerate_worker(rank: int, port: int, out_dir: str) -> None:
@@ -137,16 +134,7 @@ def _accelerate_worker(rank: int, port: int, out_dir: str) -> None:
         acc.end_training()
         if dist.is_initialized():
             dist.destroy_process_group()
-    # Leave without C++ static destructors: at interpreter exit a gloo worker thread can still be
-    # joinable under load and abort the process ('terminate called without an active exception')
-    # after every result is written. Errors above still propagate and fail the test.
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave_worker()
 
 
 def _single(dtype: torch.dtype) -> torch.Tensor:
@@ -161,7 +149,7 @@ def _single(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fsdp2_equals_single_process(tmp_path, dtype):
     pytest.importorskip("torch.distributed.fsdp")
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path), dtype), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path), dtype), nprocs=WORLD, join=True)
     res = torch.load(tmp_path / "fsdp.pt")
     assert res["frozen_ok"]
     assert res["n_sharded"] == res["n_params"]  # every parameter (bases and deltas) is sharded
@@ -175,7 +163,7 @@ def test_fsdp2_equals_single_process(tmp_path, dtype):
 
 def test_accelerate_ddp_equals_single_process(tmp_path):
     pytest.importorskip("accelerate")
-    mp.spawn(_accelerate_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_accelerate_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = torch.load(tmp_path / "accelerate.pt")["deltas"]
     assert torch.equal(ranks[0], ranks[1])
     torch.testing.assert_close(ranks[0], _single(torch.float32), rtol=1e-4, atol=1e-6)

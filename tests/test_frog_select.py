@@ -501,6 +501,82 @@ def test_default_score_is_the_seeded_random_mask_for_both_strategies():
     assert g == select(model, 0.2, strategy="global", score="random", seed=0) and g.meta["score"] == "random"
 
 
+# ---- zero-budget matrices, meta, global random share with floors (found by benchmarks/mutation.py)
+
+
+def test_per_matrix_zero_budget_matrix_in_the_middle():
+    model = mlp(seed=2, dims=(8, 6, 5, 4))
+    with torch.no_grad():
+        model[2].weight.zero_()  # R = 0: no budget
+    with pytest.warns(UserWarning, match=r"1 of 3 targeted matrices got no weights"):
+        m = select(model, 12, progress=False)
+    assert m.counts()["2"] == 0 and m.indices("2").dtype == torch.int64 and m.scores("2").numel() == 0
+    assert math.isnan(m.info("2").energy) and m.info("2").score_sum == 0.0
+    Ws = weights(model)
+    norms = [np.linalg.norm(Ws["0"]), np.linalg.norm(Ws["4"])]
+    k = np_budgets(norms, [48, 20], 12)
+    for name, ki in zip(["0", "4"], k):  # the matrix after the empty one is still selected
+        S = np_relevance(Ws[name]).reshape(-1)
+        idx = np_top(S, int(ki))
+        np.testing.assert_array_equal(m.indices(name).numpy(), idx)
+        assert m.info(name).score_sum == pytest.approx(S[idx].sum(), rel=1e-12)
+        assert m.info(name).energy == 1.0
+
+
+@pytest.mark.parametrize("budget, stored", [(12, 12), (np.int64(12), 12), (0.25, 0.25), (np.float32(0.5), 0.5)])
+def test_meta_keeps_a_count_as_int_and_a_fraction_as_float(budget, stored):
+    meta = select(mlp(), budget, progress=False).meta
+    assert meta["budget"] == stored and type(meta["budget"]) is type(stored)
+
+
+def _global_reference(model, total, rho, floor, seed):
+    """Random entries spread by size (seeded per matrix), then each matrix's top `floor`, then the
+    global top of what is left."""
+    from frogwatch.frog.budget import allocate
+
+    Ws = weights(model)
+    S = {n: np_relevance(W).reshape(-1) for n, W in Ws.items()}
+    sizes = np.array([s.size for s in S.values()])
+    n_rand = int(math.floor(rho * total + 0.5))
+    k_rand = allocate(sizes.astype(float), sizes, n_rand)
+    fixed = {}
+    for (n, s), kr in zip(S.items(), k_rand):
+        gen = _scorers.matrix_generator(seed + 1_000_003, n)
+        rand = torch.randperm(s.size, generator=gen)[: int(kr)].numpy()
+        f = min(floor, s.size - int(kr))
+        rest = np_top(np.where(np.isin(np.arange(s.size), rand), -np.inf, s), f)
+        fixed[n] = np.union1d(rand, rest)
+    pool_n = total - sum(len(v) for v in fixed.values())
+    left = np.concatenate([np.where(np.isin(np.arange(s.size), fixed[n]), -np.inf, s) for n, s in S.items()])
+    pool = np_top(left, pool_n)
+    out, start = {}, 0
+    for n, s in S.items():
+        out[n] = np.union1d(fixed[n], pool[(pool >= start) & (pool < start + s.size)] - start)
+        start += s.size
+    return out
+
+
+@pytest.mark.parametrize("budget, rho, floor", [(0.1, 1.0, 0), (0.1, 0.5, 0), (0.1, 0.3, 2), (0.9, 0.5, 8)])
+def test_global_random_share_and_floor_against_brute_force(budget, rho, floor):
+    model = mlp(seed=1, dims=(40, 30, 4, 3))
+    total = int(math.floor(budget * (1200 + 120 + 12) + 0.5))
+    m = select(model, budget, strategy="global", random_share=rho, min_per_matrix=floor, seed=3, progress=False)
+    assert m.n_selected == total
+    for name, idx in _global_reference(model, total, rho, floor, seed=3).items():
+        np.testing.assert_array_equal(m.indices(name).numpy(), idx, err_msg=name)
+    assert m == select(model, budget, strategy="global", random_share=rho, min_per_matrix=floor, seed=3,
+                       progress=False)  # fmt: skip
+
+
+def test_global_floor_plus_random_share_beyond_the_budget_is_an_error():
+    with pytest.raises(ValueError) as e:
+        select(mlp(seed=1, dims=(40, 30, 4, 3)), 10, strategy="global", random_share=1.0, min_per_matrix=1,
+               progress=False)  # fmt: skip
+    assert str(e.value) == (
+        "select: min_per_matrix 1 plus random_share 1.0 need more than the 10 weights of the budget"
+    )
+
+
 def test_init_scale_uses_relevance_whatever_the_selection_score():
     """prepare's relevance-scaled init multiplies by S, not by the score that picked the entries."""
     from frogwatch.frog.masks import Masks

@@ -52,6 +52,8 @@ def write_gguf(path, model, arch: str, qtype=Q.F32, *, permute: bool = True) -> 
         name = tmap.get_name(key, try_suffixes=(".weight", ".bias")) or key  # unmapped: kept
         if arch == "llama" and permute and key.endswith(("q_proj.weight", "k_proj.weight")):
             a = a[_llama_permute_rows(a.shape[0], N_HEAD if "q_proj" in key else N_KV)]
+        if arch == "gpt2" and key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            a = np.ascontiguousarray(a.T)  # llama.cpp stores HF Conv1D (in x out) as (out, in)
         if a.ndim == 2 and qtype == Q.F16:
             w.add_tensor(name, a.astype(np.float16))
         elif a.ndim == 2 and qtype != Q.F32:
@@ -147,6 +149,27 @@ def test_llama_qk_permutation_changes_distances_not_spectra(llama, llama_files, 
     d = frogwatch.distances(llama, path, progress=False).set_index("name")
     qk = d.index.str.contains(r"\.(?:q|k)_proj$")
     assert qk.sum() == 4 and (d.loc[qk, "rel"] > 0.5).all() and (d.loc[~qk, "fro"] == 0).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_gpt2_gguf_reads_its_conv1d_weights_back_as_conv1d(tmp_path, qtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2,
+                                       n_head=4)).eval()  # fmt: skip
+    path = tmp_path / "gpt2.gguf"
+    write_gguf(path, model, "gpt2", qtype)
+    orig = {lm.name: lm for lm in layer_matrices(model)}
+    mats = {lm.name: lm for lm in layer_matrices(path)}
+    assert set(mats) - set(orig) == {"lm_head"}  # tied to transformer.wte in HF, a copy in GGUF
+    assert set(orig) <= set(mats)
+    for n, lm in orig.items():
+        assert (mats[n].layer_type, mats[n].shape) == (lm.layer_type, lm.shape), n
+    assert sum(lm.layer_type == "conv1d" for lm in mats.values()) == 8
+    d = frogwatch.distances(model, path, progress=False)
+    assert len(d) == len(orig) and d.attrs["b_only"] == ["lm_head"] and not d.attrs["mismatched"]
+    assert (d["fro"] == 0).all() if qtype == Q.F32 else (d["rel"] < 0.02).all()
 
 
 # --- (b) a quantised GGUF is its dequantised weights ----------------------------------------

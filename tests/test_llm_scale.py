@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from frogwatch import spectra
 from frogwatch.analyze import analyze, describe
 from frogwatch.schedule import pipeline, share_by_cost
 from frogwatch.sources import layer_matrices
+from _procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,40 +226,20 @@ def test_pipeline_keeps_results_bounds_memory_and_stops_on_error():
     assert dict(pipeline(items[:6], load, lambda x, v: v, workers=2)) == {p: 10 * p for p in range(6)}
 
 
-def test_pipeline_gives_the_last_matrix_every_blas_thread():
-    """Several solving: one BLAS thread each; the last one alone: every core (issue 11 item 2)."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+def test_rows_are_bit_identical_whatever_is_analysed_with_them():
+    """One BLAS thread per matrix always (schedule.py): OpenBLAS's bits depend on its thread count
+    (at this size 1 and 2 threads differ), so a matrix analysed alone, or last, must not get more
+    threads than in a full run."""
+    from threadpoolctl import threadpool_limits
 
-    def blas_threads():
-        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
-
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(900, 2000), torch.nn.Linear(2000, 900)).double()
     with threadpool_limits(limits=2, user_api="blas"):  # the suite runs with one (conftest)
-        full = blas_threads()  # 2 on the 2-core CI machine
-        _last_matrix_widens(blas_threads, full)
-
-
-def _last_matrix_widens(blas_threads, full):
-    first_done = threading.Event()
-    seen = {}
-
-    def solve(x, v):
-        if x == 0:  # the first one finishes while the second is still running
-            seen[x] = blas_threads()
-            first_done.set()
-        elif x == 1:
-            first_done.wait(5)
-            deadline = time.monotonic() + 5  # the first solve's bookkeeping ends just after it returns
-            while blas_threads() != full and time.monotonic() < deadline:
-                time.sleep(0.01)
-            seen[x] = blas_threads()  # the last one, alone now
-        return v
-
-    assert dict(pipeline([0, 1], lambda x: x, solve, workers=2)) == {0: 0, 1: 1}
-    assert seen == {0: 1, 1: full}
-    assert blas_threads() == full  # restored afterwards
-    one = {}
-    list(pipeline([7], lambda x: x, lambda x, v: one.setdefault(x, blas_threads()), workers=2))
-    assert one == {7: full}  # a single matrix never loses its threads
+        full = analyze(model, progress=False).set_index("name")
+        alone = {n: analyze(model, layers=[n], progress=False).set_index("name") for n in full.index}
+    for name, one in alone.items():
+        for col in ("alpha", "xmin", "D", "log_spectral_norm", "log_norm", "stable_rank"):
+            assert one.at[name, col] == full.at[name, col], (name, col)
 
 
 def test_describe_estimates_time_memory_and_device_fit(tiny_llama):
@@ -283,12 +263,6 @@ def test_describe_estimates_time_memory_and_device_fit(tiny_llama):
 # ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_without_process_group_is_a_clear_error(mlp):
     with pytest.raises(ValueError, match="process group"):
         analyze(mlp, distributed=True, progress=False)
@@ -297,7 +271,7 @@ def test_distributed_without_process_group_is_a_clear_error(mlp):
 def test_torchrun_two_gloo_ranks_give_the_single_process_rows(tiny_llama, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "frogwatch", "analyze", str(tiny_llama), "--out", str(out), "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -327,7 +301,7 @@ dist.destroy_process_group()
 
 def test_distributed_api_each_rank_reads_its_share_and_returns_the_table(tiny_llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tiny_llama), str(tmp_path)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
                               text=True) for r in range(2)]  # fmt: skip

@@ -311,3 +311,66 @@ def test_failed_fit_fields_and_reasons():
         assert math.isnan(getattr(fit, field)), field
     # n < 20 (bias-corrected fit): no candidate tail qualifies at all
     assert fit_power_law(np.ones(12)).reason == "no candidate tail gives a valid power law (degenerate spectrum)"
+
+
+# ---- small-N and input edges --------------------------------------------------------------------
+
+
+def _ww_fit(ev):
+    import contextlib
+    import io
+
+    ww_fit = pytest.importorskip("weightwatcher.WW_powerlaw")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return ww_fit.WWFit(ev)
+
+
+@pytest.mark.parametrize(
+    "ev",
+    [
+        np.sort(np.random.default_rng(0).pareto(2.0, 15) + 0.5),  # the best tail has exactly 8 values
+        np.array([0.5, 0.7, 0.9, 1.2, 1.5] + [3.0] * 9),  # a tied top block: its tails have alpha = inf
+    ],
+)
+def test_small_spectra_edges_match_weightwatcher(ev):
+    ours, ref = fit_power_law(ev), _ww_fit(ev)
+    assert ours.status == "success"
+    assert ours.alpha == pytest.approx(ref.alpha, rel=1e-12) and ours.xmin == pytest.approx(ref.xmin, rel=1e-12)
+
+
+def test_eight_eigenvalues_have_one_candidate_tail():
+    ev = np.array([1.0, 1.3, 1.7, 2.2, 3.1, 4.0, 6.5, 11.0])
+    fit = fit_power_law(ev)
+    # bias-corrected MLE of the whole spectrum: 1 + (n - 1) / Σ log(x / xmin)
+    assert fit.status == "success" and fit.xmin == 1.0 and fit.num_pl_spikes == 8
+    assert fit.alpha == pytest.approx(1 + 7 / np.log(ev).sum(), rel=1e-12)
+    few = fit_power_law(ev[:5])
+    assert few.status == "failed" and few.reason == "too few eigenvalues above 1e-05 (5)"
+
+
+def test_twenty_eigenvalues_use_the_plain_estimator():
+    ev = np.sort(np.random.default_rng(4).pareto(2.0, 20) + 1)
+    ours, ref = fit_power_law(ev), pl_reference(ev)
+    assert ours.alpha == pytest.approx(ref.alpha, rel=1e-10) and ours.xmin == pytest.approx(ref.xmin, rel=1e-12)
+
+
+def test_tightly_clustered_spectrum_matches_the_brute_force_fit():
+    # all log-ratios small: every candidate's Σ log(x / xmin) is below 1
+    import _brute
+
+    ev = np.sort(1 + 0.002 * np.random.default_rng(5).pareto(2.0, 60))
+    ours, (alpha, xmin, D) = fit_power_law(ev), _brute.clauset_fit(ev)  # alpha ~ 800: beyond powerlaw's range
+    assert ours.alpha == pytest.approx(alpha, rel=1e-9) and ours.xmin == xmin and ours.D == pytest.approx(D, rel=1e-9)
+
+
+def test_input_forms_and_threshold():
+    ev = np.sort(np.random.default_rng(6).pareto(2.0, 80) + 1)
+    ref = fit_power_law(ev)
+    assert fit_power_law(ev.astype(np.float32).astype(np.float64)) == fit_power_law(ev.astype(np.float32))
+    assert fit_power_law(list(ev[::-1])) == ref  # any order, any sequence
+    assert fit_power_law(np.concatenate([ev, [1e-5, 1e-7, 0.0]])) == ref  # at or below 1e-5: dropped
+    assert fit_power_law(ev, fit="power_law") == ref
+    assert fit_power_law(ev, fit="truncated_power_law") == fit_power_law(ev, fit="tpl")
+    bad = fit_power_law(np.append(ev, np.inf))
+    assert bad.status == "failed" and bad.reason == "eigenvalues contain NaN or Inf"

@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pydoc-budgets", default=None, help="docstring-task budgets for every method (default: PYDOC_PLAN)")
     ap.add_argument("--pydoc-methods", default=None, help="docstring-task methods (default: PYDOC_PLAN)")
     ap.add_argument("--pydoc-steps", type=int, default=None, help="training steps of the docstring task (default 300)")
-    ap.add_argument("--pydoc-batch", type=int, default=None, help="batch size of the docstring task (default 8)")
-    ap.add_argument("--pydoc-max-tokens", type=int, default=None, help="token cap of a docstring (default 32)")
+    ap.add_argument("--pydoc-batch", type=int, default=None, help="batch size of the docstring task (default 4)")
+    ap.add_argument("--pydoc-max-tokens", type=int, default=None, help="token cap of a docstring (default 16)")
     ap.add_argument("--lr-grid", action="append", default=None, metavar="FAMILY=LR,LR,...",
                     help="replace a method family's lr grid (sparse, lora, full, head) in every task; repeatable")
     ap.add_argument("--out", default=None, help="output directory")

@@ -13,10 +13,13 @@ its rows at the chosen lr are the ``selected`` ones):
 * ``results-lowrank/`` — planted_lowrank, seeds 0–4 (``default`` = the new default, balanced).
 * ``results-unseen/`` — seeds 100–104, never used before: ``default`` (balanced) vs ``random``.
 * ``results-pydoc/`` — the docstring task (``default`` = balanced), seeds 100–101.
-* ``results-confirm/`` and ``results-pydoc300/`` — the pre-registered confirmation
-  (``results-confirm/PREREGISTRATION.md``) on seeds 300–304, never used before: ``random``,
-  ``balanced``, ``sel_random0`` (``select(score="random")``, default seed) on every task, the
-  docstring task at 300 steps; ``results-confirm-default/`` — ``default`` rerun after the decision.
+* ``results-confirm/`` — the pre-registered confirmation (``results-confirm/PREREGISTRATION.md``)
+  on seeds 300–304, never used before: ``random``, ``balanced``, ``sel_random0``
+  (``select(score="random")``, default seed) on the cheap tasks; ``results-confirm-default/`` —
+  ``default`` rerun after the decision (identical to ``sel_random0``, as it must be).
+* ``results-pydoc300/`` (``random``), ``results-pydoc300-default/`` (``default``, seeds 300–304) and
+  ``results-pydoc300-balanced/`` (seeds 300–302): the docstring task at 300 steps, batch 4,
+  16 tokens.
 """
 
 from __future__ import annotations
@@ -67,6 +70,35 @@ def tests(df: pd.DataFrame, task: str, metric: str) -> str:
     return "\n".join(lines)
 
 
+def confirmation(df: pd.DataFrame) -> None:
+    """The decision table: default and balanced against random, per task and budget (adaptation)."""
+    if df.empty:
+        return
+    print("## Confirmation, seeds 300-304: default and balanced against random (adaptation)\n")
+    print("| task | budget | n | default | random | balanced | default − random: gain, wins, p (Holm) "
+          "| balanced − random: gain, wins, p (Holm) |\n|---|---|---|---|---|---|---|---|")
+    for task in sorted(df["task"].unique()):
+        d = df[df["task"] == task]
+        t = paired_tests(d, task, "target_metric", [("default", "random"), ("balanced", "random")])
+        budgets = sorted(d["budget"].unique())
+        for bud in [*budgets, "pooled"] if len(budgets) > 1 else budgets:
+            label = "pooled" if bud == "pooled" else f"{100 * bud:g}%"
+            means = []
+            for m in ("default", "random", "balanced"):
+                v = d[d["method"] == m] if bud == "pooled" else d[(d["method"] == m) & np.isclose(d["budget"], bud)]
+                means.append(f"{v['target_metric'].mean():.3f}" if len(v) else "—")
+            cells = []
+            for a in ("default", "balanced"):
+                r = t[(t["A"] == a) & (t["budget"] == label)] if not t.empty else t
+                cells.append("—" if r.empty else
+                             f"{r['gain'].iloc[0]:+.4f}, {r['A_wins'].iloc[0]}/{r['n'].iloc[0]}, {r['p_holm'].iloc[0]:.2g}")
+            n = d[d["method"] == "random"].shape[0] if bud == "pooled" else int(
+                ((d["method"] == "random") & np.isclose(d["budget"], bud)).sum())
+            print(f"| {task} | {label} | {n} | " + " | ".join(means) + " | " + " | ".join(cells) + " |")
+    print("\ngain > 0: better than random (accuracy up, MSE ratio down). Per budget: paired t-test; pooled: "
+          "Wilcoxon; Holm over each task's tests.\n")
+
+
 def main() -> None:
     studies = {
         "seeds 0-4 (selection study)": pd.concat([load("results-selection", "frog_pm"), load("results-lowrank")]),
@@ -75,8 +107,10 @@ def main() -> None:
         "seeds 100-104 (never used before)": load("results-unseen").query("method != 'frog_pm'"),
         "pydoc (real text), seeds 100-101": load("results-pydoc"),
         "seeds 300-304 (pre-registered confirmation)": pd.concat(
-            [load("results-confirm"), load("results-confirm-default"), load("results-pydoc300")]),
+            [load("results-confirm"), load("results-confirm-default"), load("results-pydoc300"),
+             load("results-pydoc300-default"), load("results-pydoc300-balanced")]),
     }
+    confirmation(studies["seeds 300-304 (pre-registered confirmation)"])
     for title, df in studies.items():
         if df.empty:
             continue
