@@ -8,6 +8,7 @@ mutants that no test reaches count as survived.
     python benchmarks/mutation.py                      # all modules, table on stdout
     python benchmarks/mutation.py frogwatch/metrics.py # one module
     python benchmarks/mutation.py --show-survivors     # also print each surviving mutant's diff
+    python benchmarks/mutation.py MODULE --mutants KEY ... # re-run only these mutants (e.g. survivors)
 
 Equivalent mutants (a change no test can observe, e.g. ``dtype=None`` where the default is the
 same dtype) are listed with the reason in ``benchmarks/mutation_equivalents.txt``; the table gives
@@ -62,7 +63,7 @@ def equivalents() -> dict[str, str]:
     return out
 
 
-def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
+def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="frogwatch-mutation-") as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "frogwatch", work / "frogwatch",
@@ -79,7 +80,7 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
         (work / "pyproject.toml").write_text(cfg)
         env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         t0, load0 = time.time(), os.getloadavg()[0]
-        r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+        r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])],
                            cwd=work, env=env, capture_output=True, text=True)
         secs, load1 = time.time() - t0, os.getloadavg()[0]
         meta_path = work / "mutants" / (module + ".meta")
@@ -87,6 +88,8 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int) -> dict:
             sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
             raise SystemExit(f"mutmut produced no results for {module}")
         codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+        if only:
+            codes = {k: c for k, c in codes.items() if k in only}
         count = collections.Counter(codes.values())
         killed = sum(n for c, n in count.items() if c not in (0, None, 33, 34))
         timeout = sum(n for c, n in count.items() if c is not None and c < 0)  # CPU limit, hang
@@ -111,10 +114,11 @@ def main() -> None:
     ap.add_argument("modules", nargs="*", default=list(MODULES))
     ap.add_argument("--show-survivors", action="store_true")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--mutants", nargs="+", metavar="KEY", help="run only these mutants (one module)")
     args = ap.parse_args()
     rows = []
     for m in args.modules:
-        rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs))
+        rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs, args.mutants))
         r = rows[-1]
         print(f"{m}: {r['killed']}/{r['killed'] + r['survived']} killed "
               f"({100 * r['kill_rate']:.1f} %; {100 * r['kill_rate_eq']:.1f} % without "

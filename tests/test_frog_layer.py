@@ -93,8 +93,9 @@ def test_reprs_name_the_trainable_count():
     assert type(lin).__name__ == "FrogLinear" and isinstance(lin, nn.Linear)
 
 
-def test_conv1d_class_repr_and_pickling():
+def test_conv1d_class_repr_and_pickling(monkeypatch):
     Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    monkeypatch.setattr(L, "_CONV1D_CLASSES", {})  # build the class here, not in an earlier test
     model = nn.Sequential(Conv1D(6, 4))  # nf=6 out, nx=4 in: weight (4, 6)
     assert L.is_conv1d(model[0]) and L.frog_class(model[0]) is L.frog_conv1d_class(Conv1D)
     assert L.frog_conv1d_class(Conv1D) is L.frog_conv1d_class(Conv1D)  # made once per base class
@@ -104,9 +105,16 @@ def test_conv1d_class_repr_and_pickling():
     x = torch.randn(2, 4)
     clone = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(clone(x), model(x))
+    assert L.FrogConv1D.__qualname__ == "FrogConv1D" and L.FrogConv1D.__module__ == "frogwatch.frog.layer"
+    assert L.FrogConv1D._frog_base is Conv1D and L.FrogConv1D._frog_kind == "conv1d"
+    assert "W0 + scatter(frog_delta)" in L.FrogConv1D.__doc__
     with pytest.raises(AttributeError) as e:
         L.FrogConv2D  # noqa: B018
     assert str(e.value) == "module 'frogwatch.frog.layer' has no attribute 'FrogConv2D'"
+    monkeypatch.setitem(__import__("sys").modules, "transformers.pytorch_utils", None)
+    with pytest.raises(AttributeError) as e:
+        L.FrogConv1D  # noqa: B018
+    assert str(e.value) == "FrogConv1D needs transformers (its Conv1D class)"
 
 
 def test_frog_class_targets_exact_types_only():
@@ -151,6 +159,9 @@ def test_conv2d_layer_matches_torch_in_every_padding_mode(kwargs, batched):
     with torch.no_grad():
         model[0].frog_delta.add_(0.25)
     torch.testing.assert_close(model(x), shifted(x), rtol=1e-12, atol=1e-12)
+    model(x).square().sum().backward()  # the delta's gradient is that of the weight entries
+    shifted(x).square().sum().backward()
+    torch.testing.assert_close(model[0].frog_delta.grad, shifted.weight.grad.reshape(-1)[:4], rtol=1e-10, atol=1e-12)
 
 
 def test_frog_layers_in_model_order_and_merge_restores_classes():

@@ -164,8 +164,11 @@ def test_grad_at_one_token_per_chunk(monkeypatch):
 
 
 def test_sddmm_choice_and_the_cached_plan(monkeypatch):
-    """SDDMM runs when k x its cost per entry (10 dense cells in float32/64, 25 in bf16) is at most
-    the cells of the block of used rows x columns; the plan is cached per index tensor."""
+    """SDDMM runs when k x its cost per entry (in dense cells; set to 4 for float32/64 and 12 for
+    bf16 here) is at most the cells of the block of used rows x columns; the plan is cached per
+    index tensor."""
+    monkeypatch.setattr(ops, "_SDDMM_COST", {torch.float32: 4.0, torch.float64: 4.0})
+    monkeypatch.setattr(ops, "_SDDMM_COST_LOW", 12.0)
     calls = []
     real = ops._sddmm
     monkeypatch.setattr(ops, "_sddmm", lambda *a: calls.append(a[0].dtype) or real(*a))
@@ -173,17 +176,17 @@ def test_sddmm_choice_and_the_cached_plan(monkeypatch):
     x, g = torch.randn(4, 100, generator=gen, dtype=torch.float64), torch.randn(4, 50, generator=gen, dtype=torch.float64)
     op, shape = ops.DenseOp(False), torch.Size((50, 100))
     ref = _dense_grad(g, x, False).reshape(-1)
-    diagonal = torch.arange(10) * 101  # rows 0-9 x columns 0-9: 100 cells >= 10 x 10
-    block = torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304])  # 4 x 6 = 24 cells < 11 x 10
+    diagonal = torch.arange(10) * 101  # rows 0-9 x columns 0-9: 100 cells >= 10 x 4
+    block = torch.tensor([0, 1, 100, 101, 102, 205, 300, 301, 302, 303, 304])  # 4 x 6 = 24 cells < 11 x 4
     for idx, sddmm in ((diagonal, True), (block, False), (diagonal, True), (block, False)):
         n = len(calls)
         torch.testing.assert_close(op.grad_at(g, x, shape, idx), ref[idx], rtol=1e-12, atol=1e-12)
         assert (len(calls) > n) == sddmm, idx
-    spread = torch.arange(0, 5000, 11)  # every row and column: 455 x 25 > 5000 cells in bf16
+    spread = torch.arange(0, 5000, 7)  # every row and column: 714 x 12 > 5000 cells in bf16
     got = op.grad_at(g.bfloat16(), x.bfloat16(), shape, spread)
     assert len(calls) == 2 and got.dtype == torch.bfloat16  # the dense bf16 product
     torch.testing.assert_close(got.double(), ref[spread], rtol=0, atol=0.05 * float(ref.abs().max()))
-    got = op.grad_at(g, x, shape, spread)  # 455 x 10 <= 5000 cells in float64
+    got = op.grad_at(g, x, shape, spread)  # 714 x 4 <= 5000 cells in float64
     assert len(calls) == 3
     torch.testing.assert_close(got, ref[spread], rtol=1e-12, atol=1e-12)
     # the same index tensor changed in place is a new selection: the plan is rebuilt

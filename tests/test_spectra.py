@@ -194,3 +194,47 @@ def test_eigenvalues_accept_noncontiguous_and_wide_float32_tensors():
             warnings.simplefilter("error")
             ev = eigenvalues(W)
         np.testing.assert_allclose(ev, np_evals(W), rtol=1e-5, atol=1e-5 * float(np_evals(W)[-1]))
+
+
+def _tiny_sv_matrix():
+    """30 x 4 with singular values 1, 0.5, 1e-3, 1e-9: squared, 1e-18 is far below the Gram route's
+    round-off (~1e-16 of the largest eigenvalue) but resolved by the SVD."""
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.standard_normal((30, 4)))[0]
+    V = np.linalg.qr(rng.standard_normal((4, 4)))[0]
+    return torch.from_numpy((U * np.array([1.0, 0.5, 1e-3, 1e-9])) @ V.T)
+
+
+def test_svd_route_resolves_tiny_singular_values():
+    W = _tiny_sv_matrix()
+    for kwargs in ({"method": "svd"}, {"method": "svd", "device": torch.device("cpu")}):
+        ev = eigenvalues(W, **kwargs)
+        assert ev[0] == pytest.approx(1e-18, rel=1e-3, abs=0), kwargs
+    for kwargs in ({}, {"device": torch.device("cpu")}):  # the Gram routes cannot see it
+        assert eigenvalues(W, **kwargs)[0] != pytest.approx(1e-18, rel=1e-3, abs=0)
+    sp = spectrum([W], method="svd")
+    assert sp.evals[0] == pytest.approx(1e-18, rel=1e-3, abs=0)
+    assert sp.rank == 4  # sv rule: 1e-9 > 1 * 30 * eps
+    assert spectrum([W]).rank == 3  # eigenvalue rule: 1e-18 < 1 * 30 * eps
+
+
+def test_svd_and_torch_routes_compute_in_float64():
+    W32 = _W(25, 10).float()
+    ref = np_evals(W32)  # exact eigenvalues of the float32 values
+    np.testing.assert_allclose(eigenvalues(W32.numpy(), method="svd"), ref, rtol=1e-12)
+    np.testing.assert_allclose(eigenvalues(W32, device=torch.device("cpu")), ref, rtol=1e-12)
+    Wb = W32.bfloat16()
+    np.testing.assert_allclose(eigenvalues(Wb, method="svd"), np_evals(Wb), rtol=1e-12)
+
+
+def test_zero_matrix_has_rank_zero():
+    sp = spectrum([torch.zeros(6, 4, dtype=torch.float64)])
+    assert sp.rank == 0 and (sp.evals == 0).all() and sp.sv_max == 0.0
+
+
+def test_all_finite_on_strided_views():
+    X = torch.ones(4, 6)[:, ::2]
+    assert not X.is_contiguous() and spectra.all_finite(X)
+    Y = torch.ones(4, 6)
+    Y[1, 2] = float("nan")
+    assert not spectra.all_finite(Y[:, ::2]) and spectra.all_finite(Y[:, 1::2])
