@@ -273,8 +273,12 @@ def test_ctrl_c_during_cli_analyze_exits_cleanly(tmp_path):
         "from frogwatch.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
+    # A shell that starts a job in the background (`cmd &` without job control, as CI scripts may)
+    # ignores SIGINT in it, and Python then installs no KeyboardInterrupt handler: give the child
+    # the default disposition, as a terminal's foreground process has.
     p = subprocess.Popen([sys.executable, "-c", slow_cli, "analyze", str(src), "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = b""
     deadline = time.monotonic() + 300
     while not re.search(rb"[1-9]\d*/48", err):  # the progress bar shows a layer done: mid-analyze
