@@ -69,32 +69,30 @@ def check_figure_path(path: str | None, option: str) -> None:
     check_output(path, option=option)
 
 
-def fraction_in_unit_interval(name: str):
-    """An argparse ``type`` for a float in [0, 1] (argument errors exit 2 before any work)."""
+def _argument_type(name: str, convert, accept, kind: str, bound: str):
+    """An argparse ``type``: ``convert(text)`` that ``accept`` holds for (argument errors exit 2
+    before any work); ``kind`` names what cannot be parsed, ``bound`` what is out of range."""
 
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            v = float(text)
+            v = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text!r}") from None
-        if not 0.0 <= v <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if not accept(v):
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text}")
         return v
 
     return parse
+
+
+def fraction_in_unit_interval(name: str):
+    """An argparse ``type`` for a float in [0, 1]."""
+    return _argument_type(name, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "in [0, 1]")
 
 
 def positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text}")
-        return v
-
-    return parse
+    """An argparse ``type`` for an integer >= 1."""
+    return _argument_type(name, int, lambda v: v >= 1, "a positive integer", "a positive integer")
 
 
 def stage_bar(stages: list[str], enabled: bool, desc: str):
