@@ -7,7 +7,7 @@ over them (Frobenius shares, optionally α-blended), picks each matrix's entries
 
 Memory: both strategies hold about one matrix's score (S, or the random draw of the default) at a
 time. ``per_matrix`` reads every matrix twice (once for the Frobenius norms that set the budgets,
-once for the score; the second read is most of the default's time on a checkpoint, BENCHMARKS.md
+once for the score; timings on a 1.1B checkpoint in BENCHMARKS.md
 section 7). ``global`` reads each matrix
 once and keeps a running pool of the best ``T_trainable`` candidates (value, matrix, flat index:
 28 bytes each) — merging each matrix's own top candidates into it — so its extra memory is
