@@ -98,6 +98,9 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[
         codes = json.loads(meta_path.read_text())["exit_code_by_key"]
         if only:
             codes = {k: c for k, c in codes.items() if k in only}
+        if all(c is None for c in codes.values()):
+            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+            raise SystemExit(f"mutmut checked none of the mutants of {module}")
         count = collections.Counter(codes.values())
         killed = sum(n for c, n in count.items() if c not in (0, None, 33, 34))
         timeout = sum(n for c, n in count.items() if c is not None and c < 0)  # CPU limit, hang

@@ -194,13 +194,18 @@ def test_messages_list_at_most_three_names():
         prepare(_deep(4), {str(i): torch.zeros(3, 3, dtype=torch.bool) for i in range(4)})
 
 
+def _is_caller(filename):
+    # under mutation testing mutmut's trampoline is the frame that calls the mutated prepare
+    return filename == __file__ or filename.endswith("mutmut/mutation/trampoline.py")
+
+
 def test_prepare_warnings_point_at_the_callers_line():
     with pytest.warns(UserWarning) as rec:
         prepare(_mlp(), {})
-    assert rec[0].filename == __file__
+    assert _is_caller(rec[0].filename), rec[0].filename
     with pytest.warns(UserWarning) as rec:
         prepare(_mlp(), {"0": torch.zeros(3, 4, dtype=torch.bool)})
-    assert rec[0].filename == __file__
+    assert _is_caller(rec[0].filename), rec[0].filename
 
 
 def test_preparing_a_prepared_model_again_is_refused_also_without_layers_or_state():
