@@ -74,13 +74,18 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[
         shutil.copytree(ROOT / "frogwatch", work / "frogwatch",
                         ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        # mutmut forks every mutant's test process from one that has run the tests before; tqdm's
+        # monitor thread, started there by a progress bar, may hold tqdm's lock at the fork, and the
+        # child then deadlocks at its first bar (a "hang" that is no property of the mutant). No
+        # monitor thread, same bars:
+        (work / "_mutation_no_tqdm_monitor.py").write_text("import tqdm\n\ntqdm.tqdm.monitor_interval = 0\n")
         cfg = (ROOT / "pyproject.toml").read_text()
         cfg += (
             "\n[tool.mutmut]\n"
             f"source_paths = [{json.dumps(module)}]\n"
-            'also_copy = ["frogwatch"]\n'
+            'also_copy = ["frogwatch", "_mutation_no_tqdm_monitor.py"]\n'
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "_mutation_no_tqdm_monitor", "-x", "-q"]\n'
             f"timeout_multiplier = {float(timeout_multiplier)}\n"
         )
         (work / "pyproject.toml").write_text(cfg)
