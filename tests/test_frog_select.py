@@ -591,3 +591,19 @@ def test_init_scale_uses_relevance_whatever_the_selection_score():
         for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
             assert na == nb
             torch.testing.assert_close(pa, pb, rtol=1e-6, atol=0, msg=f"{score}: {na}")
+
+
+# ---- behaviours pinned after reading the mutation survivors (BENCHMARKS.md §6) -------------------
+
+
+@pytest.mark.parametrize("strategy, bars", [("per_matrix", ["frog norms", "frog select"]),
+                                            ("global", ["frog select"])])  # fmt: skip
+def test_progress_bars_only_when_asked_and_cleared_after(capsys, strategy, bars):
+    select(mlp(), 0.2, strategy=strategy, progress=False)
+    assert capsys.readouterr().err == ""
+    select(mlp(), 0.2, strategy=strategy, progress=True)
+    err = capsys.readouterr().err
+    for desc in bars:
+        assert f"\r{desc}:   0%|" in err and "| 0/3 [" in err and "matrix/s]" in err
+    assert "frog norms" in err if strategy == "per_matrix" else "frog norms" not in err
+    assert "\n" not in err  # leave=False: the bars are wiped, no line is left behind
