@@ -87,6 +87,10 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "_mutation_no_tqdm_monitor", "-x", "-q"]\n'
             f"timeout_multiplier = {float(timeout_multiplier)}\n"
+            # a fresh fork server forks each mutant's tests: the default ("fork") forks them from
+            # the process that ran the tests before, with torch and mutmut's threads in it, and
+            # its children began to deadlock part-way through frog/select.py's run
+            'process_isolation = "forkserver"\n'
         )
         (work / "pyproject.toml").write_text(cfg)
         env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
