@@ -607,3 +607,14 @@ def test_progress_bars_only_when_asked_and_cleared_after(capsys, strategy, bars)
         assert f"\r{desc}:   0%|" in err and "| 0/3 [" in err and "matrix/s]" in err
     assert "frog norms" in err if strategy == "per_matrix" else "frog norms" not in err
     assert "\n" not in err  # leave=False: the bars are wiped, no line is left behind
+
+
+def test_global_keeps_exact_flat_indices_beyond_float32_precision():
+    # 4097 x 4096 > 2**24 entries: an index above 2**24 must stay an integer all the way (a float32
+    # pool would round 2**24 + 1 to 2**24)
+    lin = nn.Linear(4096, 4097, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight.view(-1)[2**24 + 1] = 1.0
+    masks = select_default(nn.Sequential(lin), 1, strategy="global", score="magnitude", progress=False)
+    assert masks.indices("0").tolist() == [2**24 + 1]
