@@ -618,3 +618,14 @@ def test_global_keeps_exact_flat_indices_beyond_float32_precision():
         lin.weight.view(-1)[2**24 + 1] = 1.0
     masks = select_default(nn.Sequential(lin), 1, strategy="global", score="magnitude", progress=False)
     assert masks.indices("0").tolist() == [2**24 + 1]
+
+
+@pytest.mark.parametrize("floor", [0, 1])
+def test_global_single_random_entry_and_a_floor_equal_to_it_against_brute_force(floor):
+    # 20 weights, half random: the 4x30 matrix gets exactly 1 random entry (k_rand = 1), and with
+    # floor 1 its floor equals its random count
+    model = mlp(seed=1, dims=(40, 30, 4, 3))
+    m = select(model, 20, strategy="global", random_share=0.5, min_per_matrix=floor, seed=3, progress=False)
+    assert m.n_selected == 20
+    for name, idx in _global_reference(model, 20, 0.5, floor, seed=3).items():
+        np.testing.assert_array_equal(m.indices(name).numpy(), idx, err_msg=name)
