@@ -629,3 +629,38 @@ def test_global_single_random_entry_and_a_floor_equal_to_it_against_brute_force(
     assert m.n_selected == 20
     for name, idx in _global_reference(model, 20, 0.5, floor, seed=3).items():
         np.testing.assert_array_equal(m.indices(name).numpy(), idx, err_msg=name)
+
+
+def test_rank_truncates_the_relevance_used_for_the_selection():
+    model = mlp()
+    m = select(model, 0.2, rank=2, method="exact", progress=False)
+    Ws = weights(model)
+    k = {n: int(m[n].sum()) for n in Ws}
+    for n, W in Ws.items():
+        U, s, Vt = np.linalg.svd(W, full_matrices=False)
+        S2 = ((np.abs(U[:, :2]) * s[:2]) @ np.abs(Vt[:2])).reshape(-1)
+        idx = np_top(S2, k[n])
+        np.testing.assert_array_equal(m.indices(n).numpy(), idx, err_msg=n)
+        np.testing.assert_allclose(m.scores(n).numpy(), S2[idx], rtol=1e-5)
+    assert m.meta["rank"] == 2
+
+
+def test_select_returns_freed_heap_memory_to_the_os(monkeypatch):
+    import ctypes
+    import sys
+
+    calls = []
+
+    class FakeLibc:
+        def __init__(self, name):
+            self.name = name
+
+        def malloc_trim(self, pad):
+            calls.append((self.name, pad))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", FakeLibc)
+    monkeypatch.setattr(sys, "platform", "linux")
+    select(mlp(), 0.2, progress=False)
+    assert calls and set(calls) == {("libc.so.6", 0)}  # glibc's malloc_trim(0), once per scored matrix
+    assert len(calls) == 3
