@@ -664,3 +664,54 @@ def test_select_returns_freed_heap_memory_to_the_os(monkeypatch):
     select(mlp(), 0.2, progress=False)
     assert calls and set(calls) == {("libc.so.6", 0)}  # glibc's malloc_trim(0), once per scored matrix
     assert len(calls) == 3
+
+
+def test_recurrent_gate_matrices_are_never_targets():
+    model = nn.Sequential(nn.LSTM(4, 3), nn.Linear(3, 2))
+    assert [lm.name for lm in resolve_targets(model, ".*")] == ["1"]
+
+
+def test_all_linear_skips_a_nested_lm_head_in_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"base.model.body.weight": torch.randn(5, 4), "base.model.lm_head.weight": torch.randn(7, 5),
+               "base.model.embed_out.weight": torch.randn(7, 5)}, str(path))  # fmt: skip
+    assert [lm.name for lm in resolve_targets(path)] == ["base.model.body"]
+
+
+def test_all_linear_matching_nothing_says_so():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Conv2d(1, 2, 3))
+    with pytest.raises(ValueError) as e:
+        resolve_targets(model)
+    assert str(e.value) == "'all-linear' matched none of the model's 2 weight matrices (e.g. ['0', '1'])"
+
+
+def test_blend_without_alpha_analyzes_this_model_with_the_progress_setting(monkeypatch):
+    analyze_module = pytest.importorskip("frogwatch.analyze")
+    calls = []
+
+    def fake_analyze(model, **kwargs):
+        calls.append((model, kwargs))
+        return pd.DataFrame({"name": list(ALPHA), "alpha": list(ALPHA.values()), "status": "success"})
+
+    monkeypatch.setattr(analyze_module, "analyze", fake_analyze)
+    model = equal_norm_mlp()
+    select(model, 60, blend=0.5, progress=False)
+    assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == {"progress": False}
+
+
+def test_random_score_follows_the_seed():
+    model = mlp()
+    a, b = (select(model, 0.2, score="random", seed=s, progress=False) for s in (0, 1))
+    assert a.counts() == b.counts()
+    assert any(not torch.equal(a.indices(n), b.indices(n)) for n in a)
+    assert select(model, 0.2, score="random", seed=1, progress=False) == b
+
+
+def test_method_sets_how_the_truncated_relevance_is_computed():
+    model = mlp(dims=(40, 30))
+    W = model[0].weight.detach()
+    m = select(model, 0.1, method="randomized", rank=2, progress=False)
+    S_rand = relevance(W, method="randomized", rank=2).reshape(-1)
+    S_exact = relevance(W, method="exact", rank=2).reshape(-1)
+    assert not torch.allclose(S_rand, S_exact, rtol=1e-9, atol=0)  # the two methods differ here
+    torch.testing.assert_close(m.scores("0"), S_rand[m.indices("0").long()].to(m.scores("0").dtype))
