@@ -715,3 +715,28 @@ def test_method_sets_how_the_truncated_relevance_is_computed():
     S_exact = relevance(W, method="exact", rank=2).reshape(-1)
     assert not torch.allclose(S_rand, S_exact, rtol=1e-9, atol=0)  # the two methods differ here
     torch.testing.assert_close(m.scores("0"), S_rand[m.indices("0").long()].to(m.scores("0").dtype))
+
+
+def test_targets_that_match_nothing_or_are_malformed_say_so():
+    six = nn.Sequential(*[nn.Linear(3, 3) for _ in range(6)])
+    cases = [
+        (lambda name, lm: False, "the targets callable matched none of the model's 6 weight matrices "
+                                 "(e.g. ['0', '1', '2', '3'])"),
+        ("nomatch", "targets ['nomatch'] matched none of the model's 6 weight matrices (e.g. ['0', '1', '2', '3'])"),
+        (3, "targets must be 'all-linear', a regex or list of regexes over module names, or a "
+            "callable(name, LayerMatrix) -> bool; got 3"),
+        (["0", 3], "targets must be 'all-linear', a regex or list of regexes over module names, or a "
+                   "callable(name, LayerMatrix) -> bool; got ['0', 3]"),
+    ]  # fmt: skip
+    for targets, message in cases:
+        with pytest.raises(ValueError) as e:
+            resolve_targets(six, targets)
+        assert str(e.value) == message
+
+
+def test_select_defaults_one_percent_with_progress_bars(capsys):
+    model = mlp()  # 108 + 63 + 35 = 206 weights: round(0.01 * 206) = 2
+    with pytest.warns(UserWarning, match="1 of 3 targeted matrices got no weights"):
+        m = select_default(model)
+    assert m.meta["budget"] == 0.01 and m.n_selected == 2 and m.meta["score"] == "random"
+    assert "frog select" in capsys.readouterr().err
