@@ -740,3 +740,20 @@ def test_select_defaults_one_percent_with_progress_bars(capsys):
         m = select_default(model)
     assert m.meta["budget"] == 0.01 and m.n_selected == 2 and m.meta["score"] == "random"
     assert "frog select" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, err, message", [
+    ({"strategy": "x"}, ValueError, "strategy must be one of ('per_matrix', 'global'), got 'x'"),
+    ({"method": "x"}, ValueError, "method must be one of ('exact', 'randomized', 'auto'), got 'x'"),
+    ({"score": "x"}, ValueError,
+     "select: score must be one of 'relevance', 'balanced', 'normalized', 'bulk', 'magnitude', 'random', got 'x'"),
+    ({"random_share": -0.1}, ValueError, "select: random_share must be a number >= 0 and <= 1, got -0.1"),
+    ({"random_share": 1.5}, ValueError, "select: random_share must be a number >= 0 and <= 1, got 1.5"),
+    ({"seed": "x"}, TypeError, "select: seed must be an int, got 'x'"),
+    ({"min_per_matrix": -1}, ValueError, "select: min_per_matrix must be an int >= 0, got -1"),
+    ({"min_per_matrix": "x"}, TypeError, "select: min_per_matrix must be an int, got 'x'"),
+])  # fmt: skip
+def test_select_argument_errors_word_for_word(kwargs, err, message):
+    with pytest.raises(err) as e:
+        select(mlp(), 0.5, progress=False, **kwargs)
+    assert str(e.value) == message
