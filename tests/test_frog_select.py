@@ -757,3 +757,27 @@ def test_select_argument_errors_word_for_word(kwargs, err, message):
     with pytest.raises(err) as e:
         select(mlp(), 0.5, progress=False, **kwargs)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("score", ["relevance", "balanced", "normalized"])
+def test_rank_and_method_are_taken_by_the_svd_scores(score):
+    m = select(mlp(), 0.2, score=score, rank=2, method="randomized", progress=False)
+    assert m.meta["rank"] == 2 and m.meta["method"] == "randomized" and m.n_selected == 41
+
+
+def test_rank_or_method_with_another_score_and_balanced_global_are_refused():
+    with pytest.raises(ValueError) as e:
+        select(mlp(), 0.2, score="magnitude", rank=2, progress=False)
+    assert str(e.value) == ("select: method and rank set how S is computed; score 'magnitude' uses no truncated S "
+                            "(pass score='relevance', 'balanced' or 'normalized')")  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        select(mlp(), 0.2, score="balanced", strategy="global", progress=False)
+    assert str(e.value) == "select: score 'balanced' needs strategy='per_matrix' (its caps are per matrix)"
+
+
+def test_floors_may_use_the_whole_budget_but_not_more():
+    m = select(mlp(), 30, min_per_matrix=10, progress=False)  # 3 matrices x 10 = the budget
+    assert m.counts() == {"0": 10, "2": 10, "4": 10}
+    with pytest.raises(ValueError) as e:
+        select(mlp(), 30, min_per_matrix=11, progress=False)
+    assert str(e.value) == "select: min_per_matrix must be at most 10 for a budget of 30 weights over 3 matrices, got 11"
