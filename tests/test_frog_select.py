@@ -781,3 +781,36 @@ def test_floors_may_use_the_whole_budget_but_not_more():
     with pytest.raises(ValueError) as e:
         select(mlp(), 30, min_per_matrix=11, progress=False)
     assert str(e.value) == "select: min_per_matrix must be at most 10 for a budget of 30 weights over 3 matrices, got 11"
+
+
+@pytest.mark.parametrize("alpha", [ALPHA, {"0": 2.0, "1": 6.0, "2": 6.0}])
+def test_mask_info_and_meta_record_the_selection(alpha):
+    model = equal_norm_mlp()
+    with torch.no_grad():
+        for c, lin in zip((1.0, 2.0, 3.0), model):
+            lin.weight *= c  # Frobenius norms 1, 2, 3
+    m = select(model, 60, blend=0.5, alpha=alpha, direction="undertrained-first", rank=3, progress=False)
+    R = np.array([1.0, 2.0, 3.0]) / 6.0
+    mult = np.array([m.info(n).multiplier for n in ("0", "1", "2")])
+    assert not np.allclose(mult, 1.0)
+    w = R * mult
+    for i, n in enumerate(("0", "1", "2")):
+        info = m.info(n)
+        assert info.kind == "dense" and info.shape == (10, 10)
+        assert info.R == pytest.approx(R[i], rel=1e-6)  # float32 norms
+        assert info.importance == pytest.approx(w[i] / w.sum(), rel=1e-6)
+    meta = m.meta
+    assert {k: meta[k] for k in ("strategy", "budget", "n_trainable", "blend", "direction", "method", "rank",
+                                 "score", "random_share", "seed", "min_per_matrix")} == {  # fmt: skip
+        "strategy": "per_matrix", "budget": 60, "n_trainable": 60, "blend": 0.5,
+        "direction": "undertrained-first", "method": "exact", "rank": 3, "score": "relevance",
+        "random_share": 0.0, "seed": 0, "min_per_matrix": 0}
+
+
+def test_starved_matrices_warning_lists_three_and_points_at_the_caller():
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(5)])
+    with pytest.warns(UserWarning) as rec:
+        select(model, 1, progress=False)
+    msg = str(rec[0].message)
+    assert msg.startswith("select: 4 of 5 targeted matrices got no weights (per_matrix, e.g. [") and msg.count("'") == 6
+    assert rec[0].filename == __file__ or rec[0].filename.endswith("mutmut/mutation/trampoline.py")
