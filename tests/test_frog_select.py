@@ -783,14 +783,15 @@ def test_floors_may_use_the_whole_budget_but_not_more():
     assert str(e.value) == "select: min_per_matrix must be at most 10 for a budget of 30 weights over 3 matrices, got 11"
 
 
-@pytest.mark.parametrize("alpha", [ALPHA, {"0": 2.0, "1": 6.0, "2": 6.0}])
-def test_mask_info_and_meta_record_the_selection(alpha):
+@pytest.mark.parametrize("alpha, norms", [(ALPHA, (1.0, 2.0, 3.0)), ({"0": 2.0, "1": 6.0, "2": 6.0}, (1.0, 2.0, 3.0)),
+                                          (ALPHA, (3.0, 2.0, 1.0))])  # Σ R m above and below 1
+def test_mask_info_and_meta_record_the_selection(alpha, norms):
     model = equal_norm_mlp()
     with torch.no_grad():
-        for c, lin in zip((1.0, 2.0, 3.0), model):
-            lin.weight *= c  # Frobenius norms 1, 2, 3
+        for c, lin in zip(norms, model):
+            lin.weight *= c  # Frobenius norms as given
     m = select(model, 60, blend=0.5, alpha=alpha, direction="undertrained-first", rank=3, progress=False)
-    R = np.array([1.0, 2.0, 3.0]) / 6.0
+    R = np.array(norms) / 6.0
     mult = np.array([m.info(n).multiplier for n in ("0", "1", "2")])
     assert not np.allclose(mult, 1.0)
     w = R * mult
