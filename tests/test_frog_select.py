@@ -815,3 +815,13 @@ def test_starved_matrices_warning_lists_three_and_points_at_the_caller():
     msg = str(rec[0].message)
     assert msg.startswith("select: 4 of 5 targeted matrices got no weights (per_matrix, e.g. [") and msg.count("'") == 6
     assert rec[0].filename == __file__ or rec[0].filename.endswith("mutmut/mutation/trampoline.py")
+
+
+def test_importance_falls_back_to_the_norm_shares_when_every_blended_weight_is_zero():
+    # blend 1: the zero matrix is favoured (m = 2), the other disfavoured (m = 0), so every R·m is 0
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    m = select(model, 4, blend=1.0, alpha={"0": 6.0, "1": 2.0}, progress=False)
+    assert [(m.info(n).R, m.info(n).multiplier, m.info(n).importance) for n in ("0", "1")] == [
+        (0.0, 2.0, 0.0), (1.0, 0.0, 1.0)]
