@@ -13,7 +13,11 @@ mutants that no test reaches count as survived.
 Equivalent mutants (a change no test can observe, e.g. ``dtype=None`` where the default is the
 same dtype) are listed with the reason in ``benchmarks/mutation_equivalents.txt``; the table gives
 the raw kill rate and the rate with those listed survivors left out. A mutant whose test run hangs
-or exceeds mutmut's CPU limit counts as killed (column ``timeout``), as mutmut counts it.
+or exceeds mutmut's CPU limit counts as killed (column ``timeout``), as mutmut counts it: mutmut
+sends a mutant's test process SIGXCPU after ``timeout_multiplier x (estimated test time + 1 s)``
+of wall-clock time, scores it "timeout" and counts timeouts with the killed mutants in its own
+score. ``--timeout-multiplier`` sets that factor (mutmut's default is 15; a mutant that deadlocks,
+e.g. in a progress bar's lock after the fork, then blocks for 15x the test time).
 
 Results and the command line that produced them are recorded in BENCHMARKS.md.
 """
@@ -63,7 +67,8 @@ def equivalents() -> dict[str, str]:
     return out
 
 
-def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[str] | None = None) -> dict:
+def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[str] | None = None,
+               timeout_multiplier: float = 15.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="frogwatch-mutation-") as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "frogwatch", work / "frogwatch",
@@ -76,12 +81,15 @@ def run_module(module: str, tests: list[str], show: bool, jobs: int, only: list[
             'also_copy = ["frogwatch"]\n'
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+            f"timeout_multiplier = {float(timeout_multiplier)}\n"
         )
         (work / "pyproject.toml").write_text(cfg)
         env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         t0, load0 = time.time(), os.getloadavg()[0]
         r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])],
-                           cwd=work, env=env, capture_output=True, text=True)
+                           cwd=work, env=env, capture_output=True, text=True,
+                           # no terminal: a mutant that touches it cannot be stopped by SIGTTOU/SIGTTIN
+                           stdin=subprocess.DEVNULL, start_new_session=True)
         secs, load1 = time.time() - t0, os.getloadavg()[0]
         meta_path = work / "mutants" / (module + ".meta")
         if not meta_path.exists():
@@ -115,10 +123,14 @@ def main() -> None:
     ap.add_argument("--show-survivors", action="store_true")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--mutants", nargs="+", metavar="KEY", help="run only these mutants (one module)")
+    ap.add_argument("--timeout-multiplier", type=float, default=15.0,
+                    help="mutmut's timeout_multiplier: a mutant's tests get this many times their "
+                         "estimated time (+1 s) before mutmut stops them and scores a timeout (default 15)")
     args = ap.parse_args()
     rows = []
     for m in args.modules:
-        rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs, args.mutants))
+        rows.append(run_module(m, MODULES[m], args.show_survivors, args.jobs, args.mutants,
+                               args.timeout_multiplier))
         r = rows[-1]
         print(f"{m}: {r['killed']}/{r['killed'] + r['survived']} killed "
               f"({100 * r['kill_rate']:.1f} %; {100 * r['kill_rate_eq']:.1f} % without "

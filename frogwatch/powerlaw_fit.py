@@ -75,9 +75,16 @@ def _ks_scan(x: np.ndarray, small_n: bool) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     alphas, Ds : (n - 1,) float64. ``D = inf`` marks a candidate that may not be chosen.
+
+    Tied values (the plain fit, as ``powerlaw``): only the first of a run of equal values is a
+    candidate, its tail is every value ``>= xmin``, and the KS distance compares the CDFs at the
+    distinct values only (the empirical CDF at a value counts the values strictly below it). The
+    small-N fit compares at every position, ties included, as WeightWatcher's small-N fitter does.
     """
     n = x.size
     logx = np.log(x)
+    # first[j]: x[j] starts a run of equal values
+    first = np.ones(n, dtype=bool) if small_n else np.concatenate(([True], x[1:] != x[:-1]))
     # sum(log x[i:]) for every i, from a reversed cumulative sum
     tail_log_sum = np.cumsum(logx[::-1])[::-1][:-1]
     idx = np.arange(n - 1)
@@ -89,6 +96,8 @@ def _ks_scan(x: np.ndarray, small_n: bool) -> tuple[np.ndarray, np.ndarray]:
     valid = np.isfinite(alphas) & (alphas > 1.0) & (denom > 0)
     if small_n:
         valid &= n_tail >= SMALL_N_MIN_TAIL
+    else:
+        valid &= first[:-1]
     cand = np.flatnonzero(valid)
     if cand.size == 0:
         return alphas, Ds
@@ -99,7 +108,7 @@ def _ks_scan(x: np.ndarray, small_n: bool) -> tuple[np.ndarray, np.ndarray]:
         lo = rows[0]
         cols = np.arange(lo, n)
         rel = cols[None, :] - rows[:, None]  # position j - i inside each tail
-        mask = rel >= 0
+        mask = (rel >= 0) & first[None, lo:]
         # theoretical CDF 1 - (x_j/xmin)^(1-alpha), in log space
         expo = (1.0 - alphas[rows])[:, None] * (logx[None, lo:] - logx[rows][:, None])
         cdf = 1.0 - np.exp(np.where(mask, expo, 0.0))
@@ -114,7 +123,16 @@ def _fit_pl(x: np.ndarray) -> PowerLawFit:
     small = n < SMALL_N
     if n < (SMALL_N_MIN_TAIL if small else 2):
         return PowerLawFit.failed(f"too few eigenvalues above {EVALS_THRESH:g} ({n})")
+    if not small:
+        # powerlaw's candidates: the distinct values below the two largest distinct ones
+        starts = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
+        if starts.size < 4:
+            return PowerLawFit.failed(
+                f"degenerate spectrum: fewer than 4 distinct eigenvalues above {EVALS_THRESH:g} ({starts.size})"
+            )
     alphas, Ds = _ks_scan(x, small)
+    if not small:
+        Ds[starts[-2] :] = 1.0  # the "not a candidate" value (a valid D is < 1)
     if not np.isfinite(Ds).any():
         return PowerLawFit.failed("no candidate tail gives a valid power law (degenerate spectrum)")
     i = int(np.argmin(Ds))  # first minimum, as numpy's argmin

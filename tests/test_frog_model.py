@@ -164,3 +164,141 @@ def test_print_trainable_parameters(capsys):
     assert capsys.readouterr().out == "trainable params: 3 || all params: 26 || trainable%: 11.5385\n"
     print_trainable_parameters(nn.Sequential())
     assert capsys.readouterr().out == "trainable params: 0 || all params: 0 || trainable%: 0.0000\n"
+
+
+# ---- behaviours pinned after reading the mutation survivors (BENCHMARKS.md §6) -------------------
+
+
+def test_prepare_type_errors_name_the_argument():
+    cases = [
+        (("not a model", {}), {}, "prepare: model must be an nn.Module, got 'not a model'"),
+        ((_mlp(), [1, 2]), {}, "prepare: masks must be a Mapping[str, Tensor], got 'list'"),
+        ((_mlp(), {}), {"config": 3}, "prepare: config must be a FrogConfig or None, got 3"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(TypeError) as e:
+            prepare(*args, **kwargs)
+        assert str(e.value) == message
+
+
+def _deep(n):
+    torch.manual_seed(1)
+    return nn.Sequential(*[nn.Linear(3, 3) for _ in range(n)])
+
+
+def test_messages_list_at_most_three_names():
+    with pytest.raises(MaskMismatchError) as e:
+        prepare(_mlp(), {n: torch.ones(1, dtype=torch.bool) for n in ("a", "b", "c", "d")})
+    assert "masks name 4 module(s) not in the model, e.g. ['a', 'b', 'c']; keys" in str(e.value)
+    with pytest.warns(UserWarning, match=r"^4 mask\(s\) select nothing, e.g. \['0', '1', '2'\]; those layers"):
+        prepare(_deep(4), {str(i): torch.zeros(3, 3, dtype=torch.bool) for i in range(4)})
+
+
+def test_prepare_warnings_point_at_the_callers_line():
+    with pytest.warns(UserWarning) as rec:
+        prepare(_mlp(), {})
+    assert rec[0].filename == __file__
+    with pytest.warns(UserWarning) as rec:
+        prepare(_mlp(), {"0": torch.zeros(3, 4, dtype=torch.bool)})
+    assert rec[0].filename == __file__
+
+
+def test_preparing_a_prepared_model_again_is_refused_also_without_layers_or_state():
+    empty = _mlp()
+    with pytest.warns(UserWarning):
+        prepare(empty, {})  # state on the model, no FROG layer
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare(empty, {"0": _mask((3, 4), [0])})
+    inner = _mlp()
+    prepare(inner, {"0": _mask((3, 4), [0])})
+    outer = nn.Sequential(inner)  # FROG layers, no state on the wrapper
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare(outer, {"0.2": _mask((2, 3), [0])})
+
+
+def test_state_lists_the_targeted_layers_in_model_order():
+    from frogwatch.frog.layer import state_of
+
+    model = _mlp()
+    prepare(model, {"2": _mask((2, 3), [0]), "0": _mask((3, 4), [1])})
+    assert state_of(model).layers == ("0", "2")
+
+
+def test_init_of_a_single_selected_entry_and_dtype_of_a_zero_init():
+    model = _mlp()
+    W = model[0].weight.detach().clone()
+    prepare(model, {"0": _mask((3, 4), [7])}, init_scale=1.0, seed=2, delta_dtype="float64")
+    eps = torch.randn(1, generator=torch.Generator().manual_seed(ops.derive_seed(2, 0, 0)), dtype=torch.float64)
+    want = torch.from_numpy(np_S(W).reshape(-1)[[7]]) * eps
+    assert float(want.abs()) > 0
+    torch.testing.assert_close(model[0].frog_delta.detach(), want, rtol=1e-12, atol=0)
+    zero = _mlp()
+    prepare(zero, {"0": _mask((3, 4), [2, 3])}, init_scale=0.0, delta_dtype="float64")
+    assert zero[0].frog_delta.dtype == torch.float64 and zero[0].frog_delta.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("score, uses_given", [("relevance", True), ("balanced", True), ("magnitude", False),
+                                               ("random", False)])  # fmt: skip
+def test_init_uses_stored_scores_only_when_they_are_the_relevance(score, uses_given):
+    model = _mlp()
+    W0 = model[0].weight.detach().clone()
+    idx = torch.tensor([1, 5, 11])
+    given = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    masks = Masks.from_indices({"0": idx}, {"0": (3, 4)}, scores={"0": given}, score=score)
+    prepare(model, masks, init_scale=1.0, seed=0, delta_dtype="float64")
+    eps = torch.randn(3, generator=torch.Generator().manual_seed(ops.derive_seed(0, 0, 0)), dtype=torch.float64)
+    S = given if uses_given else torch.from_numpy(np_S(W0).reshape(-1)[idx])
+    torch.testing.assert_close(model[0].frog_delta.detach(), S * eps, rtol=1e-12, atol=0)
+
+
+def test_init_keeps_float64_scores_given_as_python_floats():
+    model = _mlp()
+    m = _mask((3, 4), [1, 5])
+    prepare(model, _Indexed({"0": m}, {"0": torch.tensor([1, 5])}, {"0": [0.1, 0.3]}), init_scale=1.0, seed=0,
+            delta_dtype="float64")  # fmt: skip
+    eps = torch.randn(2, generator=torch.Generator().manual_seed(ops.derive_seed(0, 0, 0)), dtype=torch.float64)
+    assert torch.equal(model[0].frog_delta.detach(), torch.tensor([0.1, 0.3], dtype=torch.float64) * eps)
+
+
+def test_indices_must_be_sorted_beyond_the_first_pair():
+    m = _mask((3, 4), [1, 3, 5])
+    with pytest.raises(ValueError, match="sorted, unique flat indices"):
+        prepare(_mlp(), _Indexed({"0": m}, {"0": torch.tensor([1, 5, 3])}))
+
+
+def test_indices_of_a_weight_beyond_int32_are_int64():
+    from frogwatch.frog.model import _layer_indices
+
+    shape = (2**16 + 1, 2**15)  # 2**31 + 2**15 entries, stored as one expanded zero (no memory)
+    weight = torch.zeros(1, 1).expand(*shape)
+    mask = torch.sparse_coo_tensor(torch.tensor([[2**16], [5]]), torch.tensor([True]), shape, check_invariants=True)
+    flat = 2**16 * 2**15 + 5
+    idx = _layer_indices(_Indexed({"0": mask}, {"0": torch.tensor([flat])}), "0", weight)
+    assert idx.dtype == torch.int64 and idx.tolist() == [flat]
+
+
+def test_a_linear_whose_weight_is_a_plain_tensor_can_be_targeted():
+    model = _mlp()
+    W = model[0].weight.detach().clone()
+    del model[0].weight
+    model[0].weight = W  # not a Parameter: frozen by construction, not counted as shared
+    prepare(model, {"0": _mask((3, 4), [1])})
+    assert model[0].frog_indices.tolist() == [1]
+
+
+def test_merge_leaves_parameters_added_after_prepare_as_they_are():
+    model = _mlp()
+    prepare(model, {"0": _mask((3, 4), [0])})
+    model.append(nn.Linear(2, 2))  # a new head, trainable, unknown to prepare
+    merge(model)
+    assert all(p.requires_grad for p in model[3].parameters())
+
+
+def test_noise_amplitude_is_kept_only_with_noise_and_at_the_requested_rank():
+    model = _mlp()
+    prepare(model, {"0": _mask((3, 4), [0])}, noise_scale=0.0)
+    assert model[0].frog.noise_buffers() is None
+    ranked = _mlp()
+    prepare(ranked, {"0": _mask((3, 4), [0])}, noise_scale=0.1, noise_rank=2)
+    assert set(ranked[0].frog.noise_buffers()) == {"noise_a", "noise_b"}
+    assert ranked[0].frog.noise_a.shape[-1] == 2 or ranked[0].frog.noise_b.shape[0] == 2

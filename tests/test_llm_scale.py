@@ -22,6 +22,7 @@ from frogwatch.analyze import analyze, describe
 from frogwatch.schedule import pipeline, share_by_cost
 from frogwatch.sources import layer_matrices
 from _procs import free_port
+from _shards import write_sharded
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,21 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def svd_evals(W: torch.Tensor) -> np.ndarray:
     """Independent reference: squared singular values from numpy's SVD of the float64 matrix."""
     return np.sort(np.linalg.svd(W.double().numpy(), compute_uv=False) ** 2)
-
-
-def write_sharded(sd: dict[str, torch.Tensor], root: Path, shards: int = 3) -> Path:
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    keys = list(sd)
-    weight_map = {}
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: sd[k].contiguous() for k in keys[s::shards]}
-        save_file(part, str(root / fname))
-        weight_map.update({k: fname for k in part})
-    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return root
 
 
 @pytest.fixture(scope="module")

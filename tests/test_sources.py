@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +14,14 @@ from torch import nn
 from frogwatch import SourceError, analyze, describe, layer_matrices, summary
 from frogwatch.sources import natural_key
 
+from _shards import write_sharded
+
 METRICS = ["layer_type", "M", "N", "Q", "rf", "num_evals", "alpha", "xmin", "D", "log_norm",
            "log_spectral_norm", "alpha_weighted", "stable_rank", "matrix_rank", "status"]  # fmt: skip
 
 
 def by_name(df: pd.DataFrame) -> pd.DataFrame:
     return df.set_index("name").sort_index()[METRICS]
-
-
-def write_shards(sd: dict, root: Path, n_shards: int = 3) -> Path:
-    """A Hugging Face style sharded checkpoint: shards plus model.safetensors.index.json."""
-    keys = list(sd)
-    weight_map = {}
-    for s in range(n_shards):
-        fname = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {k: sd[k].contiguous() for k in keys[s::n_shards]}
-        save_file(part, str(root / fname))
-        weight_map.update({k: fname for k in part})
-    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index))
-    return root
 
 
 def test_module_state_dict_file_and_shards_give_identical_rows(minilm_session, tmp_path):
@@ -46,7 +33,7 @@ def test_module_state_dict_file_and_shards_give_identical_rows(minilm_session, t
     torch.save(sd, tmp_path / "model.pt")
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
-    write_shards(sd, shard_dir)
+    write_sharded(sd, shard_dir)
 
     for source in (sd, wrapped, tmp_path / "model.safetensors", str(tmp_path / "model.pt"),
                    shard_dir, shard_dir / "model.safetensors.index.json"):  # fmt: skip
@@ -65,7 +52,7 @@ def test_sharded_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
     import frogwatch.sources as src
 
     sd = {f"layer.{i}.weight": torch.randn(64, 32) for i in range(12)}
-    write_shards(sd, tmp_path, n_shards=4)
+    write_sharded(sd, tmp_path, shards=4)
     mats = layer_matrices(tmp_path)
     # natural order from the index, not alphabetical (layer.2 before layer.10)
     assert [m.name for m in mats] == [f"layer.{i}" for i in range(12)]

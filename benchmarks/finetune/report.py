@@ -312,15 +312,18 @@ def _plot_task(df: pd.DataFrame, task: str, out: Path) -> list[str]:
 
 
 def _plot_sweep(runs: pd.DataFrame, task: str, out: Path) -> list[str]:
-    """Every lr of the sweep (first seed): adaptation vs kept knowledge, one line per (method, budget).
+    """Every lr of the sweep (mean over seeds): adaptation vs kept knowledge, one line per (method, budget).
 
     The lr chosen on validation decides where on this curve a method lands; the curve shows whether
     a method keeps more at *equal* adaptation, which the chosen-lr tables cannot.
     """
-    s = runs[(runs["task"] == task) & (runs["phase"] == "sweep")]
+    s = runs[runs["task"] == task]
     s = s.assign(secondary=_secondary(s))
     if s.empty or s["secondary"].isna().all():
         return []
+    n_seeds = s["seed"].nunique()
+    s = (s.groupby(["method", "budget", "lr"], as_index=False)
+          .agg(target_metric=("target_metric", "mean"), secondary=("secondary", "mean"), selected=("selected", "all")))
     budgets = sorted(s.loc[~s["method"].isin(UNBUDGETED), "budget"].unique())
     labels = TASK_TEXT.get(task, ("target_metric", "source_metric"))
     shown = [m for m in _ordered(s["method"]) if m in SWEEP_METHODS]
@@ -340,7 +343,7 @@ def _plot_sweep(runs: pd.DataFrame, task: str, out: Path) -> list[str]:
         ax.set_ylabel(labels[1], fontsize=7)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"{task}: lr sweep, seed {int(s['seed'].iloc[0])}", fontsize=9)
+    fig.suptitle(f"{task}: lr sweep, mean over {n_seeds} seeds", fontsize=9)
     fig.tight_layout()
     name = f"{task}_sweep.png"
     fig.savefig(out / name, dpi=110)

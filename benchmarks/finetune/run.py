@@ -11,16 +11,18 @@ Writes to ``DIR`` (default ``benchmarks/finetune/results``, ``results-quick`` wi
   validation split: task, method, budget, seed, lr, target_metric, source_metric, trainable,
   peak_mem_mb, seconds, plus val_metric, val_loss, state_mb, config, lr_at_edge, delta_cos,
   delta_relerr, final_loss.
-* ``runs.csv`` — every run, the lr sweep included (``phase`` = sweep / seed).
+* ``runs.csv`` — every run (every lr of the sweep on every seed; ``selected`` marks the chosen lr).
 * ``summary.md`` and ``*.png`` — see :mod:`report`.
 
 Protocol, per (task, method, budget):
 
-1. **lr sweep** on the first seed: one run per lr of the method family's grid
-   (``Problem.lr_grid``), the lr with the best validation metric wins (ties: lower val loss,
-   then the smaller lr).
-2. **Seeds**: the remaining seeds run at that lr. The first seed's row is its run at the chosen lr
-   (chosen on validation, so its test number is not selected on test).
+1. **lr sweep on every seed**: one run per (lr of the method family's grid, seed)
+   (``Problem.lr_grid``).
+2. **lr choice on validation**: the lr whose validation metric, averaged over all seeds, is best
+   wins (ties: lower mean val loss, then the smaller lr). Every seed's row is its run at that lr;
+   the test split never takes part in the choice. (Until issue 10's confirmation the lr was picked
+   on the first seed alone; two methods drawn from the same distribution could then end up at
+   different lrs by chance — results produced that way say so in their ``summary.md`` command.)
 
 Every run evaluates the *merged* plain model on a test split the sweep never sees. Batches depend
 on the seed only, so for a given seed every method sees the same batches (paired comparisons).
@@ -134,7 +136,7 @@ def _worker_init() -> None:
     warnings.filterwarnings("ignore")
 
 
-def _row(unit: Unit, seed: int, method, problem, budget: float, res, phase: str) -> dict:
+def _row(unit: Unit, seed: int, method, problem, budget: float, res) -> dict:
     row = {
         "task": unit.task, "method": unit.method, "budget": budget, "seed": seed, "lr": res.lr,
         "target_metric": res.metrics["target_metric"], "source_metric": res.metrics["source_metric"],
@@ -145,19 +147,21 @@ def _row(unit: Unit, seed: int, method, problem, budget: float, res, phase: str)
         "delta_cos": res.metrics.get("delta_cos", math.nan),
         "delta_relerr": res.metrics.get("delta_relerr", math.nan),
         "config": method.config(problem, budget), "n_targeted": problem.n_targeted(),
-        "higher_is_better": problem.higher_is_better, "phase": phase,
+        "higher_is_better": problem.higher_is_better,
     }
     return row
 
 
-def _sweep_key(row: dict, higher: bool) -> tuple:
-    v = row["val_metric"]
-    loss = row["val_loss"] if not math.isnan(row["val_loss"]) else 0.0
-    return ((-v if higher else v), loss, row["lr"])
+def _sweep_key(lr_rows: list[dict], higher: bool) -> tuple:
+    """Order of one lr's runs (one per seed): mean val metric (best first), mean val loss, lr."""
+    v = sum(r["val_metric"] for r in lr_rows) / len(lr_rows)
+    losses = [r["val_loss"] for r in lr_rows if not math.isnan(r["val_loss"])]
+    loss = sum(losses) / len(losses) if losses else 0.0
+    return ((-v if higher else v), loss, lr_rows[0]["lr"])
 
 
 def run_unit(unit: Unit) -> tuple[list[dict], float]:
-    """Run one cell; returns its rows (sweep and seeds) and its wall time."""
+    """Run one cell; returns its rows (every lr x seed) and its wall time."""
     from methods import METHODS
     from train import fine_tune
 
@@ -170,21 +174,18 @@ def run_unit(unit: Unit) -> tuple[list[dict], float]:
     if unit.max_lrs is not None and len(grid) > unit.max_lrs:
         mid = len(grid) // 2
         grid = grid[mid - unit.max_lrs // 2: mid - unit.max_lrs // 2 + unit.max_lrs]
-    rows = []
+    by_lr: dict[float, list[dict]] = {}
     for lr in grid:
-        rows.append(_row(unit, unit.seeds[0], method, first, budget, fine_tune(first, method, budget, unit.seeds[0], lr), "sweep"))
-    best = min(rows, key=lambda r: _sweep_key(r, first.higher_is_better))
-    best_lr = best["lr"]
+        for seed in unit.seeds:
+            p = _problem(unit.task, seed, unit.quick)
+            by_lr.setdefault(lr, []).append(
+                _row(unit, seed, method, p, budget, fine_tune(p, method, budget, seed, lr)))
+    best_lr = min(by_lr.values(), key=lambda rs: _sweep_key(rs, first.higher_is_better))[0]["lr"]
     edge = len(grid) > 1 and best_lr in (min(grid), max(grid))
+    rows = [r for rs in by_lr.values() for r in rs]
     for r in rows:
-        r["selected"] = r is best
+        r["selected"] = r["lr"] == best_lr
         r["lr_at_edge"] = edge
-    for seed in unit.seeds[1:]:
-        p = _problem(unit.task, seed, unit.quick)
-        r = _row(unit, seed, method, p, budget, fine_tune(p, method, budget, seed, best_lr), "seed")
-        r["selected"] = True
-        r["lr_at_edge"] = edge
-        rows.append(r)
     return rows, time.perf_counter() - t0
 
 
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = pd.DataFrame(rows)
     runs.to_csv(out / "runs.csv", index=False)
-    results = runs[runs["selected"]].drop(columns=["phase", "selected"]).sort_values(["task", "method", "budget", "seed"])
+    results = runs[runs["selected"]].drop(columns=["selected"]).sort_values(["task", "method", "budget", "seed"])
     results.to_csv(out / "results.csv", index=False)
 
     import report
