@@ -21,7 +21,8 @@ the sampler's, which grows with the step's wall time (a step slowed by other loa
 more sampling). The model's own size is reported for the ratio ``prepare adds / model size``.
 
 Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--device cuda`` on a GPU
-(peak memory is then ``torch.cuda.max_memory_allocated``); ``--fixture DIR`` loads a sharded bf16
+(peak memory is then ``torch.cuda.max_memory_allocated``); ``--profile N`` prints where one step's CPU
+time goes (the N ops with the most self time, per method); ``--fixture DIR`` loads a sharded bf16
 checkpoint (the full 1.1B: ``benchmarks/fixtures/tinyllama``) instead. Prints a Markdown table.
 ``benchmarks/llm_scale.py`` runs this together with select, analyze and merge on the checkpoint.
 """
@@ -72,7 +73,8 @@ class PeakRSS:
 
 
 def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: str,
-            threads: int, fixture: str | None = None, save_delta: str | None = None) -> dict:
+            threads: int, fixture: str | None = None, save_delta: str | None = None,
+            profile: int = 0) -> dict:
     import torch
     import transformers
 
@@ -151,6 +153,14 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
     step_peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak.peak
     if save_delta and method.startswith("frog"):
         write_delta(model, save_delta)
+    if profile:  # one more step, after the timed ones and the saved delta: per-op CPU, to stderr
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile),
+              file=sys.stderr)
     return {"method": method, "trainable": trainable, "model_mb": model_bytes / 2**20,
             "prepare_add_mb": (after - before) / 2**20, "prepare_s": prepare_s,
             "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu_times),
@@ -171,11 +181,13 @@ def main() -> None:
     ap.add_argument("--fixture", help="load this bf16 Llama checkpoint directory instead of a random "
                     "--layers slice (e.g. benchmarks/fixtures/tinyllama, the full 1.1B)")
     ap.add_argument("--save-delta", help="FROG: write the trained delta file here (for frogwatch merge)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="print the N ops with the most self CPU time in one more step (torch.profiler)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads,
-                                 a.fixture, a.save_delta)))
+                                 a.fixture, a.save_delta, a.profile)))
         return
     rows = []
     for m in a.methods.split(","):
@@ -184,9 +196,12 @@ def main() -> None:
                "--threads", str(a.threads)]
         cmd += ["--fixture", a.fixture] if a.fixture else []
         cmd += ["--save-delta", a.save_delta] if a.save_delta else []
+        cmd += ["--profile", str(a.profile)] if a.profile else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode:
             sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+        if a.profile:
+            print(f"## {m}: one step, torch.profiler\n{out.stderr}", file=sys.stderr)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"# {rows[-1]}", file=sys.stderr)
     lora = next((r for r in rows if r["method"] == "lora"), None)
