@@ -12,13 +12,17 @@ Every method runs in its own fresh subprocess, all in the same run:
 * ``frog+noise`` the same with dynamic noise (the one-byte noise codes of S are kept per matrix).
 
 Measured per method: RSS before and after ``prepare`` / ``get_peft_model`` (what the method adds
-to the process), the median wall and process CPU time of a training step (AdamW, batch 1 x
-``--seq`` tokens, LM loss, after one warm-up step; one torch thread by default, so CPU time is
-robust to other load on the machine) and the peak RSS during the steps (sampled every 2 ms). The model's
-own size is reported for the ratio ``prepare adds / model size``.
+to the process), the median wall and CPU time of a training step (AdamW, batch 1 x ``--seq``
+tokens, LM loss, after one warm-up step; one torch thread by default, so CPU time is robust to
+other load on the machine) and the peak RSS during the steps (sampled every 2 ms by a second
+thread). CPU time is given for the whole process and for the training thread alone: with one
+torch thread all of a CPU step runs on the training thread, while the process time also holds
+the sampler's, which grows with the step's wall time (a step slowed by other load is charged
+more sampling). The model's own size is reported for the ratio ``prepare adds / model size``.
 
 Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--device cuda`` on a GPU
-(peak memory is then ``torch.cuda.max_memory_allocated``); ``--fixture DIR`` loads a sharded bf16
+(peak memory is then ``torch.cuda.max_memory_allocated``); ``--profile N`` prints where one step's CPU
+time goes (the N ops with the most self time, per method); ``--fixture DIR`` loads a sharded bf16
 checkpoint (the full 1.1B: ``benchmarks/fixtures/tinyllama``) instead. Prints a Markdown table.
 ``benchmarks/llm_scale.py`` runs this together with select, analyze and merge on the checkpoint.
 """
@@ -50,6 +54,9 @@ class PeakRSS:
     """Max RSS sampled by a background thread while the ``with`` block runs."""
 
     def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()  # one handle: sampling costs the process less CPU
         self.peak, self._stop = rss(), threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -57,7 +64,7 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss())
+            self.peak = max(self.peak, self._proc.memory_info().rss)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -66,7 +73,8 @@ class PeakRSS:
 
 
 def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: str,
-            threads: int, fixture: str | None = None, save_delta: str | None = None) -> dict:
+            threads: int, fixture: str | None = None, save_delta: str | None = None,
+            profile: int = 0) -> dict:
     import torch
     import transformers
 
@@ -132,21 +140,31 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    cpu_times = []
+    cpu_times, thread_times = [], []
     with PeakRSS() as peak:
         for _ in range(steps):
-            t, c = time.perf_counter(), time.process_time()
+            t, c, th = time.perf_counter(), time.process_time(), time.thread_time()
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
+            thread_times.append(time.thread_time() - th)
     step_peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak.peak
     if save_delta and method.startswith("frog"):
         write_delta(model, save_delta)
+    if profile:  # one more step, after the timed ones and the saved delta: per-op CPU, to stderr
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile),
+              file=sys.stderr)
     return {"method": method, "trainable": trainable, "model_mb": model_bytes / 2**20,
             "prepare_add_mb": (after - before) / 2**20, "prepare_s": prepare_s,
             "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu_times),
+            "step_thread_cpu_s": statistics.median(thread_times),
             "step_peak_mb": step_peak / 2**20}
 
 
@@ -163,11 +181,13 @@ def main() -> None:
     ap.add_argument("--fixture", help="load this bf16 Llama checkpoint directory instead of a random "
                     "--layers slice (e.g. benchmarks/fixtures/tinyllama, the full 1.1B)")
     ap.add_argument("--save-delta", help="FROG: write the trained delta file here (for frogwatch merge)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="print the N ops with the most self CPU time in one more step (torch.profiler)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads,
-                                 a.fixture, a.save_delta)))
+                                 a.fixture, a.save_delta, a.profile)))
         return
     rows = []
     for m in a.methods.split(","):
@@ -176,9 +196,12 @@ def main() -> None:
                "--threads", str(a.threads)]
         cmd += ["--fixture", a.fixture] if a.fixture else []
         cmd += ["--save-delta", a.save_delta] if a.save_delta else []
+        cmd += ["--profile", str(a.profile)] if a.profile else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode:
             sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+        if a.profile:
+            print(f"## {m}: one step, torch.profiler\n{out.stderr}", file=sys.stderr)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"# {rows[-1]}", file=sys.stderr)
     lora = next((r for r in rows if r["method"] == "lora"), None)
@@ -186,15 +209,17 @@ def main() -> None:
     print(f"TinyLlama-1.1B shapes, {blocks}, bf16, rank {a.rank}, "
           f"seq {a.seq}, {a.steps} timed steps, device {a.device}; model {rows[0]['model_mb']:.0f} MiB\n")
     print("| method | trainable | prepare adds (MiB) | adds / model | prepare (s) | step wall (s) "
-          "| step CPU (s) | step peak (MiB) | step CPU / LoRA | step peak / LoRA |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| step CPU (s) | step CPU, training thread (s) | step peak (MiB) | step CPU / LoRA "
+          "| thread CPU / LoRA | step peak / LoRA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rt = f"{r['step_cpu_s'] / lora['step_cpu_s']:.2f}" if lora else "-"
+        rth = f"{r['step_thread_cpu_s'] / lora['step_thread_cpu_s']:.3f}" if lora else "-"
         rp = f"{r['step_peak_mb'] / lora['step_peak_mb']:.3f}" if lora else "-"
         print(f"| {r['method']} | {r['trainable']:,} | {r['prepare_add_mb']:.1f} | "
               f"{r['prepare_add_mb'] / r['model_mb']:.1%} | {r['prepare_s']:.1f} | {r['step_s']:.2f} | "
-              f"{r['step_cpu_s']:.2f} | "
-              f"{r['step_peak_mb']:.0f} | {rt} | {rp} |")
+              f"{r['step_cpu_s']:.2f} | {r['step_thread_cpu_s']:.3f} | "
+              f"{r['step_peak_mb']:.0f} | {rt} | {rth} | {rp} |")
 
 
 if __name__ == "__main__":

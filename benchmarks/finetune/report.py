@@ -43,7 +43,8 @@ ALPHA = 0.05
 BASELINES = ("random", "magnitude", "lift", "lora", "full")
 VARIANTS = ("frog_global", "frog_blend_under", "frog_blend_over", "frog_init", "frog_noise", "frog_init_noise")
 UNBUDGETED = ("pretrained", "head_only", "full")
-SWEEP_METHODS = ("pretrained", "head_only", "full", "frog_pm", "frog_blend_under", "frog_blend_over", "random", "magnitude", "lift", "lora")
+SWEEP_METHODS = ("pretrained", "head_only", "full", "frog_pm", "frog_blend_under", "frog_blend_over", "random", "magnitude",
+                 "lift", "lora", "default", "balanced")
 METHOD_ORDER = (
     "pretrained", "head_only", "full", "frog_pm", "frog_global", "frog_blend_under", "frog_blend_over",
     "frog_init", "frog_noise", "frog_init_noise", "random", "magnitude", "lift", "lora",

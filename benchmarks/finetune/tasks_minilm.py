@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -181,17 +182,21 @@ class SentenceClassifier(nn.Module):
         return self.head(self.embed(input_ids, attention_mask))
 
 
+Encoder = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
 def _encode(texts: list[str]) -> dict[str, torch.Tensor]:
     b = _tokenizer()(texts, return_tensors="pt", padding=True)
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
-def _embeddings(model: SentenceClassifier, texts: list[str], bs: int = 64) -> torch.Tensor:
-    return torch.cat([model.embed(**_encode(texts[i:i + bs])) for i in range(0, len(texts), bs)])
+def _embeddings(model: SentenceClassifier, texts: list[str], bs: int = 64, encode: Encoder = _encode) -> torch.Tensor:
+    return torch.cat([model.embed(**encode(texts[i:i + bs])) for i in range(0, len(texts), bs)])
 
 
-def _classify(model: nn.Module, data: list[tuple[str, int]], bs: int = 64) -> tuple[float, float]:
-    logits = torch.cat([model(**_encode([s for s, _ in data[i:i + bs]])) for i in range(0, len(data), bs)])
+def _classify(model: nn.Module, data: list[tuple[str, int]], bs: int = 64,
+              encode: Encoder = _encode) -> tuple[float, float]:
+    logits = torch.cat([model(**encode([s for s, _ in data[i:i + bs]])) for i in range(0, len(data), bs)])
     y = torch.tensor([lab for _, lab in data])
     return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
@@ -209,6 +214,41 @@ def _pretrained_encoder() -> nn.Module:
     return load_default_model().eval()
 
 
+def text_problem(task: str, model: SentenceClassifier, splits: dict[str, list[tuple[str, int]]], *,
+                 encode: Encoder, batch: int, steps: int, lr_grid: dict[str, list[float]]) -> Problem:
+    """A sentence-classification :class:`Problem` on ``model`` (shared by the MiniLM tasks).
+
+    Targets: every ``nn.Linear`` of the encoder's layers; the head always trains.
+    ``target_metric`` = test accuracy, ``source_metric`` = Spearman of the pairwise cosine
+    similarities of :data:`SIMILARITY_SENTENCES`, fine-tuned vs ``model`` as given.
+    """
+    with torch.no_grad():
+        ref_cos = _pair_cosines(_embeddings(model, SIMILARITY_SENTENCES, encode=encode)).numpy()
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    modules = dict(model.named_modules())
+    targets = [n for n, m in modules.items() if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)]
+
+    def train_batch(gen: torch.Generator):
+        idx = torch.randint(len(train), (batch,), generator=gen).tolist()
+        out = encode([train[i][0] for i in idx])
+        out["labels"] = torch.tensor([train[i][1] for i in idx])
+        return out
+
+    def loss(m: nn.Module, b) -> torch.Tensor:
+        return F.cross_entropy(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b["labels"])
+
+    def evaluate(m: nn.Module) -> dict:
+        val_acc, val_loss = _classify(m, val, encode=encode)
+        test_acc, _ = _classify(m, test, encode=encode)
+        cos = _pair_cosines(_embeddings(m, SIMILARITY_SENTENCES, encode=encode)).numpy()
+        return {"val_metric": val_acc, "val_loss": val_loss, "target_metric": test_acc,
+                "source_metric": float(spearmanr(ref_cos, cos).statistic)}
+
+    return Problem(task=task, model=model, targets=targets, train_batch=train_batch, loss=loss,
+                   evaluate=evaluate, higher_is_better=True, steps=steps, lr_grid=lr_grid,
+                   always_trainable=("head.",), head_lr=3e-3)
+
+
 def make_problem(seed: int, quick: bool = False) -> Problem:
     """The MiniLM problem for one seed (the seed sets the head init; data are fixed)."""
     import copy
@@ -216,42 +256,10 @@ def make_problem(seed: int, quick: bool = False) -> Problem:
     splits = build_splits()
     torch.manual_seed(40_000 + seed)
     model = SentenceClassifier(copy.deepcopy(_pretrained_encoder())).eval()
-    with torch.no_grad():
-        ref_cos = _pair_cosines(_embeddings(model, SIMILARITY_SENTENCES)).numpy()
-    train = splits["train"]
-    modules = dict(model.named_modules())
-    targets = [n for n, m in modules.items() if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)]
-
-    def train_batch(gen: torch.Generator):
-        idx = torch.randint(len(train), (BATCH,), generator=gen).tolist()
-        batch = _encode([train[i][0] for i in idx])
-        batch["labels"] = torch.tensor([train[i][1] for i in idx])
-        return batch
-
-    def loss(m: nn.Module, batch) -> torch.Tensor:
-        return F.cross_entropy(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
-
-    val = splits["val"][:96] if quick else splits["val"]  # quick: a smoke test, smaller evaluation
-    test = splits["test"][:192] if quick else splits["test"]
-
-    def evaluate(m: nn.Module) -> dict:
-        val_acc, val_loss = _classify(m, val)
-        test_acc, _ = _classify(m, test)
-        cos = _pair_cosines(_embeddings(m, SIMILARITY_SENTENCES)).numpy()
-        return {"val_metric": val_acc, "val_loss": val_loss, "target_metric": test_acc,
-                "source_metric": float(spearmanr(ref_cos, cos).statistic)}
-
-    return Problem(
-        task="minilm",
-        model=model,
-        targets=targets,
-        train_batch=train_batch,
-        loss=loss,
-        evaluate=evaluate,
-        higher_is_better=True,
-        steps=20 if quick else 100,
+    if quick:  # a smoke test: smaller evaluation
+        splits = {**splits, "val": splits["val"][:96], "test": splits["test"][:192]}
+    return text_problem(
+        "minilm", model, splits, encode=_encode, batch=BATCH, steps=20 if quick else 100,
         lr_grid={"sparse": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 3e-3, 1e-2], "full": [2e-5, 5e-5, 1e-4],
                  "head": [3e-3, 1e-2, 3e-2]},
-        always_trainable=("head.",),
-        head_lr=3e-3,
     )

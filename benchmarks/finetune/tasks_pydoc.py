@@ -36,11 +36,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from scipy.stats import spearmanr
-from torch import nn
 
-from tasks_minilm import SIMILARITY_SENTENCES, SentenceClassifier, _pair_cosines, _pretrained_encoder, _tokenizer
+from tasks_minilm import SentenceClassifier, _pretrained_encoder, _tokenizer, text_problem
 from train import Problem
 
 __all__ = ["PACKAGES", "build_splits", "make_problem"]
@@ -112,54 +109,13 @@ def _encode(texts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
-def _embeddings(model: SentenceClassifier, texts: list[str], bs: int = 64) -> torch.Tensor:
-    return torch.cat([model.embed(**_encode(texts[i:i + bs])) for i in range(0, len(texts), bs)])
-
-
-def _classify(model: nn.Module, data: list[tuple[str, int]], bs: int = 64) -> tuple[float, float]:
-    logits = torch.cat([model(**_encode([s for s, _ in data[i:i + bs]])) for i in range(0, len(data), bs)])
-    y = torch.tensor([lab for _, lab in data])
-    return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
-
-
 def make_problem(seed: int, quick: bool = False) -> Problem:
     splits = build_splits()
     torch.manual_seed(50_000 + seed)
     model = SentenceClassifier(copy.deepcopy(_pretrained_encoder()), n_classes=len(PACKAGES)).eval()
-    with torch.no_grad():
-        ref_cos = _pair_cosines(_embeddings(model, SIMILARITY_SENTENCES)).numpy()
-    train = splits["train"]
-    val = splits["val"][:45] if quick else splits["val"]
-    test = splits["test"][:90] if quick else splits["test"]
-    modules = dict(model.named_modules())
-    targets = [n for n, m in modules.items() if n.startswith("encoder.encoder.layer.") and isinstance(m, nn.Linear)]
-
-    def train_batch(gen: torch.Generator):
-        idx = torch.randint(len(train), (BATCH,), generator=gen).tolist()
-        batch = _encode([train[i][0] for i in idx])
-        batch["labels"] = torch.tensor([train[i][1] for i in idx])
-        return batch
-
-    def loss(m: nn.Module, batch) -> torch.Tensor:
-        return F.cross_entropy(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
-
-    def evaluate(m: nn.Module) -> dict:
-        val_acc, val_loss = _classify(m, val)
-        test_acc, _ = _classify(m, test)
-        cos = _pair_cosines(_embeddings(m, SIMILARITY_SENTENCES)).numpy()
-        return {"val_metric": val_acc, "val_loss": val_loss, "target_metric": test_acc,
-                "source_metric": float(spearmanr(ref_cos, cos).statistic)}
-
-    return Problem(
-        task="pydoc",
-        model=model,
-        targets=targets,
-        train_batch=train_batch,
-        loss=loss,
-        evaluate=evaluate,
-        higher_is_better=True,
-        steps=30 if quick else STEPS,
+    if quick:
+        splits = {**splits, "val": splits["val"][:45], "test": splits["test"][:90]}
+    return text_problem(
+        "pydoc", model, splits, encode=_encode, batch=BATCH, steps=30 if quick else STEPS,
         lr_grid={"sparse": [1e-2, 3e-2], "lora": [1e-3, 3e-3], "full": [3e-5, 1e-4], "head": [1e-2, 3e-2]},
-        always_trainable=("head.",),
-        head_lr=3e-3,
     )

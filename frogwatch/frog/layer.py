@@ -8,7 +8,9 @@ stays true) and it gains one child module, ``frog`` (:class:`FrogDelta`), holdin
   ``mask.flatten()``), in the config's ``delta_dtype``;
 * ``frog.indices`` — buffer (k,) of sorted flat indices (int32 below 2**31 entries);
 * only with noise: non-persistent buffers coding the relevance S compactly (see
-  :class:`~frogwatch.frog.ops.NoiseAmplitude`).
+  :class:`~frogwatch.frog.ops.NoiseAmplitude`);
+* ``frog.w0_cache`` — the k frozen values W0[idx] (:class:`~frogwatch.frog.ops.W0Cache`, not
+  state: filled by the first call, refreshed when the weight or the indices change).
 
 δ lives in its own submodule so that FSDP2, which wraps and shards by module and wants one dtype
 per group, can give the float32 deltas their own group apart from the bfloat16 base weights
@@ -106,6 +108,7 @@ class FrogDelta(nn.Module):
             self.register_buffer(k, v, persistent=False)
         self.layer_index = layer_index
         self.frog_state = state
+        self.w0_cache = ops.W0Cache()
 
     def noise_buffers(self) -> dict[str, torch.Tensor] | None:
         return {k: getattr(self, k) for k in self._noise_names} or None
@@ -133,7 +136,8 @@ class FrogDelta(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 op: Any) -> torch.Tensor:
         amp, seed = self.noise()
-        return ops.apply(x, self.delta, weight, bias, self.indices, self.noise_buffers(), op, amp, seed)
+        return ops.apply(x, self.delta, weight, bias, self.indices, self.noise_buffers(), op, amp, seed,
+                         self.w0_cache)
 
     def extra_repr(self) -> str:
         return f"k={self.delta.numel()}, dtype={self.delta.dtype}"
