@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module -> the test files that guard it
 MODULES: dict[str, list[str]] = {
-    "frogwatch/powerlaw_fit.py": ["tests/test_powerlaw_fit.py", "tests/test_numerics_reference.py"],
+    "frogwatch/powerlaw_fit.py": ["tests/test_powerlaw_fit.py", "tests/test_powerlaw_fit_ties.py",
+                                  "tests/test_numerics_reference.py"],
     "frogwatch/metrics.py": ["tests/test_numerics_reference.py"],
     "frogwatch/frog/budget.py": ["tests/test_frog_budget.py"],
     "frogwatch/frog/scores.py": ["tests/test_frog_scores.py"],
@@ -47,8 +48,8 @@ MODULES: dict[str, list[str]] = {
     "frogwatch/frog/select.py": ["tests/test_frog_select.py"],
     "frogwatch/frog/masks.py": ["tests/test_frog_masks.py"],
     # the engine (frogwatch/frog/engine.py only re-exports these three)
-    "frogwatch/frog/ops.py": ["tests/test_frog_ops.py", "tests/test_engine.py"],
-    "frogwatch/frog/layer.py": ["tests/test_frog_layer.py", "tests/test_engine.py"],
+    "frogwatch/frog/ops.py": ["tests/test_frog_ops.py", "tests/test_engine.py", "tests/test_engine_w0cache.py"],
+    "frogwatch/frog/layer.py": ["tests/test_frog_layer.py", "tests/test_engine.py", "tests/test_engine_w0cache.py"],
     "frogwatch/frog/model.py": ["tests/test_frog_model.py", "tests/test_engine.py", "tests/test_engine_merge.py"],
 }
 
