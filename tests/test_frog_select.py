@@ -743,8 +743,9 @@ def test_select_defaults_one_percent_with_progress_bars(capsys):
 
 
 @pytest.mark.parametrize("kwargs, err, message", [
-    ({"strategy": "x"}, ValueError, "strategy must be one of ('per_matrix', 'global'), got 'x'"),
-    ({"method": "x"}, ValueError, "method must be one of ('exact', 'randomized', 'auto'), got 'x'"),
+    ({"strategy": "x"}, ValueError, "select: strategy must be one of 'per_matrix', 'global', got 'x'"),
+    ({"method": "x"}, ValueError, "select: method must be one of 'exact', 'randomized', 'auto', got 'x'"),
+    ({"strategy": 1}, TypeError, "select: strategy must be one of 'per_matrix', 'global', got 1"),
     ({"score": "x"}, ValueError,
      "select: score must be one of 'relevance', 'balanced', 'normalized', 'bulk', 'magnitude', 'random', got 'x'"),
     ({"random_share": -0.1}, ValueError, "select: random_share must be a number >= 0 and <= 1, got -0.1"),

@@ -141,11 +141,6 @@ def _alphas(model: Any, names: list[str], alpha: Any, needed: bool, progress: bo
 # --------------------------------------------------------------------------------------------
 
 
-def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
-
-
 def _budget_meta(budget: Any) -> float | int:
     return int(budget) if isinstance(budget, Integral) and not isinstance(budget, bool) else float(budget)
 
@@ -225,8 +220,8 @@ def select(
     -------
     Masks
     """
-    _check_choice(strategy, STRATEGIES, "strategy")
-    _check_choice(method, METHODS, "method")
+    strategy = check_choice(strategy, "strategy", "select", STRATEGIES)
+    method = check_choice(method, "method", "select", METHODS)
     if score is None:
         score = DEFAULT_SCORE
     score = check_choice(score, "score", "select", SCORES)
