@@ -141,6 +141,10 @@ def _alphas(model: Any, names: list[str], alpha: Any, needed: bool, progress: bo
 # --------------------------------------------------------------------------------------------
 
 
+def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
+    check_choice(value, what, "select", allowed)
+
+
 def _budget_meta(budget: Any) -> float | int:
     return int(budget) if isinstance(budget, Integral) and not isinstance(budget, bool) else float(budget)
 
@@ -220,8 +224,8 @@ def select(
     -------
     Masks
     """
-    strategy = check_choice(strategy, "strategy", "select", STRATEGIES)
-    method = check_choice(method, "method", "select", METHODS)
+    _check_choice(strategy, STRATEGIES, "strategy")
+    _check_choice(method, METHODS, "method")
     if score is None:
         score = DEFAULT_SCORE
     score = check_choice(score, "score", "select", SCORES)
