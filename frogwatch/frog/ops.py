@@ -159,15 +159,15 @@ class patched:
     Writes ``W0[idx] + delta`` (rounded to the weight's dtype, as ``effective`` does) into the
     selected entries of the weight's storage, yields the weight, and writes the k original values
     back on exit, so W0 is bit-identical afterwards. The write goes through ``.data``: autograd's
-    version counter of the (frozen) weight is not bumped. ``orig`` (W0[idx], from the layer's
-    :class:`W0Cache`) spares reading them from W0: on an LLM-sized matrix each pass over k
-    scattered entries misses the cache about k times. A non-contiguous weight gets a dense copy
-    instead.
+    version counter of the (frozen) weight is not bumped. ``orig`` (W0[idx], e.g. the forward's
+    ``.orig`` reused in backward) or else ``cache`` (the layer's :class:`W0Cache`) spares reading
+    them from W0: on an LLM-sized matrix each pass over k scattered entries misses the cache about
+    k times. A non-contiguous weight gets a dense copy instead.
     """
 
     def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor,
-                 orig: torch.Tensor | None = None) -> None:
-        self.weight, self.delta, self.indices, self.orig = weight, delta, indices, orig
+                 orig: torch.Tensor | None = None, cache: W0Cache | None = None) -> None:
+        self.weight, self.delta, self.indices, self.orig, self.cache = weight, delta, indices, orig, cache
         self._patched = False
 
     def __enter__(self) -> torch.Tensor:
@@ -177,7 +177,7 @@ class patched:
         flat = w.data.view(-1)
         self.idx = self.indices.long()  # index_copy_ takes int64 only
         if self.orig is None:
-            self.orig = flat.index_select(0, self.idx)
+            self.orig = self.cache.get(w, self.indices) if self.cache is not None else flat.index_select(0, self.idx)
         flat.index_copy_(0, self.idx, self.orig + self.delta.detach().to(w.dtype))
         self._patched = True
         return w.data
@@ -229,13 +229,13 @@ class W0Cache:
         return (W0Cache, ())
 
 
-def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, orig=None):
+def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, orig=None, cache=None):
     """A context giving the effective weight: patched in place without noise, a new tensor with it."""
     if noise_amp > 0.0 and noise:
         from contextlib import nullcontext
 
         return nullcontext(effective(weight, delta, indices, noise, noise_amp, noise_seed))
-    return patched(weight, delta, indices, orig)
+    return patched(weight, delta, indices, orig, cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,9 +370,7 @@ class SparseDeltaFunction(torch.autograd.Function):
             )
         cdtype = autocast_dtype(x.device.type)
         x_dtype, bias_dtype = x.dtype, None if bias is None else bias.dtype
-        patch = not (noise_amp > 0.0 and noise) and weight.is_contiguous() and indices.numel() > 0
-        orig = cache.get(weight, indices) if cache is not None and patch else None
-        weight_ctx = _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, orig)
+        weight_ctx = _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache=cache)
         with torch.autocast(x.device.type, enabled=False), weight_ctx as w:
             if cdtype is not None:
                 x, w = x.to(cdtype), w.to(cdtype)
