@@ -73,6 +73,7 @@ def fully_shard_frog(
     state_of(model)  # a clear error when the model is not prepared
     base = {"mesh": mesh, **kwargs}
     for layer in frog_layers(model).values():
+        layer.frog.restore(layer.weight)  # shard W0, never a held W0 + δ
         fully_shard(layer.frog, reshard_after_forward=True, **base)
     group = dict(base, reshard_after_forward=reshard_after_forward)
     if mp_policy is not None:

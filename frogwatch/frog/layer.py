@@ -9,8 +9,14 @@ stays true) and it gains one child module, ``frog`` (:class:`FrogDelta`), holdin
 * ``frog.indices`` — buffer (k,) of sorted flat indices (int32 below 2**31 entries);
 * only with noise: non-persistent buffers coding the relevance S compactly (see
   :class:`~frogwatch.frog.ops.NoiseAmplitude`);
-* ``frog.w0_cache`` — the k frozen values W0[idx] (:class:`~frogwatch.frog.ops.W0Cache`, not
-  state: filled by the first call, refreshed when the weight or the indices change).
+* ``frog.w0_cache`` — the k frozen values W0[idx] and the state of the in-place write of
+  W0 + δ (:class:`~frogwatch.frog.ops.W0Cache`, not state: filled by the first call, refreshed
+  when the weight or the indices change).
+
+Between a training forward on the CPU and its backward, ``weight`` holds W0 + δ at the selected
+entries (the write is held for the backward's input gradient, then W0 is written back); the
+layer's ``state_dict``, copies, pickles, :func:`effective_weight` and ``merge`` restore W0
+first (:meth:`FrogDelta.restore`).
 
 δ lives in its own submodule so that FSDP2, which wraps and shards by module and wants one dtype
 per group, can give the float32 deltas their own group apart from the bfloat16 base weights
@@ -110,6 +116,14 @@ class FrogDelta(nn.Module):
         self.frog_state = state
         self.w0_cache = ops.W0Cache()
 
+    def restore(self, weight: torch.Tensor) -> None:
+        """Write W0 back into ``weight``'s selected entries if a held write left W0 + δ there.
+
+        A pending backward writes W0 + δ again when it runs.
+        """
+        if self.w0_cache is not None:
+            self.w0_cache.restore(weight, self.indices)
+
     def noise_buffers(self) -> dict[str, torch.Tensor] | None:
         return {k: getattr(self, k) for k in self._noise_names} or None
 
@@ -167,6 +181,14 @@ class FrogLayer:
 
     def extra_repr(self) -> str:
         return f"{self._frog_base.extra_repr(self)}, frog_k={self.frog_delta.numel()}"
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.frog.restore(self.weight)  # the saved weight is W0, even between forward and backward
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def __getstate__(self) -> dict:
+        self.frog.restore(self.weight)  # copies and pickles get W0
+        return super().__getstate__()
 
 
 class FrogLinear(FrogLayer, nn.Linear):
@@ -262,5 +284,6 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     """``W0 + scatter(frog_delta)`` of one FROG layer (no noise), detached, shaped like W0."""
     if not isinstance(module, FrogLayer):
         raise ValueError(f"{type(module).__name__} is not a FROG layer")
+    module.frog.restore(module.weight)
     with torch.no_grad():
         return ops.effective(module.weight, module.frog_delta, module.frog_indices, None, 0.0, 0)

@@ -222,6 +222,7 @@ def merge(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for module in frog_layers(model).values():
             w = module.weight
+            module.frog.restore(w)
             if w.is_contiguous():
                 w.view(-1).index_add_(0, module.frog_indices, module.frog_delta.detach().to(w.dtype))
             else:

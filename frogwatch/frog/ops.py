@@ -1,10 +1,11 @@
 """FROG autograd: ``y = op(x, W0 + scatter(delta) [+ noise], b)`` without a saved dense copy.
 
 The custom function saves for backward only the layer input, ``delta``, ``W0`` and the indices
-(references, no dense copy). Without noise the effective weight is never materialised: forward and
-backward write ``W0 + delta`` into the k selected entries of W0's storage around their matmul and
-restore the k original values bit for bit (:class:`patched`); with noise a dense noisy copy is
-built for the running layer. Backward forms delta's gradient only at the selected indices. Dense
+(references, no dense copy). Without noise the effective weight is never materialised: ``W0 +
+delta`` is written into the k selected entries of W0's storage for the matmuls and the k original
+values are written back bit for bit (:class:`patched`, :class:`W0Cache`); on the CPU the forward's
+write is held until the backward's input gradient has used it (two passes over the k scattered
+entries per step instead of four). With noise a dense noisy copy is built for the running layer. Backward forms delta's gradient only at the selected indices. Dense
 layers on the CPU take a sampled dense-dense product (SDDMM, k dot products over the tokens) when
 it is cheaper than the dense product, else only the block of rows x columns holding a selection
 is multiplied; Conv2d always uses ``torch.nn.grad.conv2d_weight``. Under
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NoiseAmplitude", "SparseDeltaFunction", "W0Cache", "derive_seed", "effective", "generator"]
+__all__ = ["Hold", "NoiseAmplitude", "SparseDeltaFunction", "W0Cache", "derive_seed", "effective", "generator"]
 
 # How dense layers form delta's gradient dL/dW[idx] (dL/dW = A^T B, both (tokens x dim)), per call:
 # - SDDMM: ``torch.sparse.sampled_addmm`` on the CSR pattern of the selection (row pointers cached
@@ -154,59 +155,67 @@ def effective(
 
 
 class patched:
-    """``with patched(weight, delta, indices) as w:`` — W0 + scatter(delta) without a dense copy.
+    """``with patched(weight, delta, indices, cache) as w:`` — W0 + scatter(delta) without a dense copy.
 
     Writes ``W0[idx] + delta`` (rounded to the weight's dtype, as ``effective`` does) into the
-    selected entries of the weight's storage, yields the weight, and writes the k original values
-    back on exit, so W0 is bit-identical afterwards. The write goes through ``.data``: autograd's
-    version counter of the (frozen) weight is not bumped. ``orig`` (W0[idx], e.g. the forward's
-    ``.orig`` reused in backward) or else ``cache`` (the layer's :class:`W0Cache`) spares reading
-    them from W0: on an LLM-sized matrix each pass over k scattered entries misses the cache about
-    k times. A non-contiguous weight gets a dense copy instead.
+    selected entries of the weight's storage through ``cache`` (:meth:`W0Cache.write`; a fresh
+    one when None), yields the weight, and on exit writes the k original values back, bit for
+    bit, unless a pending backward pass holds the write (:meth:`W0Cache.hold`). A non-contiguous
+    weight gets a dense copy instead.
     """
 
     def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor,
-                 orig: torch.Tensor | None = None, cache: W0Cache | None = None) -> None:
-        self.weight, self.delta, self.indices, self.orig, self.cache = weight, delta, indices, orig, cache
-        self._patched = False
+                 cache: W0Cache | None = None) -> None:
+        self.weight, self.delta, self.indices = weight, delta, indices
+        self.cache = cache if cache is not None else W0Cache()
+        self._wrote = False
 
     def __enter__(self) -> torch.Tensor:
         w = self.weight
         if not w.is_contiguous() or self.indices.numel() == 0:
             return effective(w, self.delta, self.indices, None, 0.0, 0) if self.indices.numel() else w.detach()
-        flat = w.data.view(-1)
-        self.idx = self.indices.long()  # index_copy_ takes int64 only
-        if self.orig is None:
-            self.orig = self.cache.get(w, self.indices) if self.cache is not None else flat.index_select(0, self.idx)
-        flat.index_copy_(0, self.idx, self.orig + self.delta.detach().to(w.dtype))
-        self._patched = True
-        return w.data
+        self._wrote = True
+        return self.cache.write(w, self.delta, self.indices)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._patched:
-            self.weight.data.view(-1).index_copy_(0, self.idx, self.orig)
-            self._patched = False
+        if self._wrote and self.cache.holds == 0:
+            self.cache.restore(self.weight, self.indices)
+        self._wrote = False
 
 
 class W0Cache:
-    """W0[idx] of one FROG layer (k values in the weight's dtype), kept between calls: W0 is frozen.
+    """The in-place patch of one FROG layer: W0[idx] (k values, kept: W0 is frozen) and its state.
 
-    ``get(weight, indices)`` returns the cached values while the weight is the same tensor with
-    the same storage, version counter, dtype, device and shape, and the indices the same tensor
-    with the same version; otherwise it reads them from the weight again. So ``load_state_dict``
-    (an in-place copy bumps the version), ``.to()`` / ``.data = ...`` (new storage), replacing
-    the parameter or the indices, and any in-place write outside ``.data`` refresh it. Writes
-    through ``weight.data`` bypass the version counter, and FSDP2 refills its unsharded weight in
-    place keeping the version: after such a write, or after loading other base weights into a
-    sharded model, call :meth:`clear` (``layer.frog.w0_cache.clear()``). The entry is one tuple,
-    replaced whole, and is dropped on copy and pickling. It holds k values, as many as the
-    forward's context kept for backward before.
+    :meth:`write` makes the weight's k selected entries hold ``W0[idx] + delta`` (W0[idx] read from
+    the weight once, then taken from here: on an LLM-sized matrix each pass over k scattered
+    entries misses the cache about k times), :meth:`restore` writes W0[idx] back. Writes go
+    through ``.data``: autograd's version counter of the (frozen) weight is not bumped.
+
+    Between a training forward and its backward the write is *held* (:meth:`hold`, on the CPU):
+    the forward leaves W0 + δ in place for the backward's input gradient, which restores W0 when
+    the last hold is released — by that backward, or when its graph is freed without one. That
+    is two passes over the k entries per step instead of four. While held, ``layer.weight``
+    holds W0 + δ at the selection; the layer's ``state_dict``, pickling, copies,
+    ``effective_weight``, ``merge`` and ``fully_shard_frog`` restore W0 first, and the backward
+    writes again whenever the weight no longer holds this δ (restored, or refilled by FSDP2: one
+    written entry that differs from W0 is checked).
+
+    The cached values are used while the weight is the same tensor with the same storage, version
+    counter, dtype, device and shape, and the indices the same tensor with the same version;
+    otherwise they are read from the weight again. So ``load_state_dict`` (an in-place copy bumps
+    the version), ``.to()`` / ``.data = ...`` (new storage), replacing the parameter or the
+    indices, and any in-place write outside ``.data`` refresh it. Writes through ``weight.data``
+    bypass the version counter, and FSDP2 refills its unsharded weight in place keeping the
+    version: after such a write, or after loading other base weights into a sharded model, call
+    :meth:`clear` between steps (``layer.frog.w0_cache.clear()``). Copies and pickles start empty.
     """
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "written", "holds")
 
     def __init__(self) -> None:
-        self.entry: tuple | None = None
+        self.entry: tuple | None = None  # (key, weight ref, indices ref, W0[idx])
+        self.written: tuple | None = None  # (key, delta ref, delta version, probe) while W0 + δ is in place
+        self.holds = 0
 
     @staticmethod
     def _key(weight: torch.Tensor, indices: torch.Tensor) -> tuple:
@@ -222,20 +231,97 @@ class W0Cache:
         self.entry = (key, weakref.ref(weight), weakref.ref(indices), values)
         return values
 
+    def _holds_delta(self, weight: torch.Tensor, delta: torch.Tensor, key: tuple) -> bool:
+        w = self.written
+        if w is None or w[0] != key or w[1]() is not delta or w[2] != delta._version:
+            return False
+        if w[3] is not None:  # one entry where W0 + δ differs from W0: refilled or restored since?
+            pos, value = w[3]
+            return weight.data.view(-1)[pos].item() == value
+        return True
+
+    def write(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Make the selected entries hold ``W0[idx] + delta`` (in the weight's dtype); ``weight.data``.
+
+        Writes nothing when they already hold this δ (same tensor and version).
+        """
+        key = self._key(weight, indices)
+        if self._holds_delta(weight, delta, key):
+            return weight.data
+        orig = self.get(weight, indices)
+        values = orig + delta.detach().to(weight.dtype)
+        weight.data.view(-1).index_copy_(0, indices.long(), values)  # index_copy_ takes int64 only
+        probe = None
+        if self.holds > 0:  # the write outlives this call: remember an entry that tells it apart
+            changed = values != orig
+            p = int(changed.to(torch.uint8).argmax())
+            if bool(changed[p]):
+                probe = (int(indices[p]), values[p].item())
+        self.written = (key, weakref.ref(delta), delta._version, probe)
+        return weight.data
+
+    def restore(self, weight: torch.Tensor, indices: torch.Tensor) -> None:
+        """Write W0[idx] back into ``weight`` if this cache wrote W0 + δ there and it still does."""
+        w, self.written = self.written, None
+        if w is None or self.entry is None or w[0] != self._key(weight, indices) \
+                or self.entry[0] != w[0] or weight.untyped_storage().nbytes() == 0:
+            return  # replaced, reloaded or (FSDP2) freed since the write: W0 is not ours to restore
+        weight.data.view(-1).index_copy_(0, indices.long(), self.entry[3])
+
+    def hold(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor) -> Hold:
+        """Write W0 + δ and keep it in place until the returned :class:`Hold` is released."""
+        self.holds += 1
+        try:
+            self.write(weight, delta, indices)
+        except BaseException:
+            self.holds -= 1
+            raise
+        return Hold(self, weight, indices)
+
     def clear(self) -> None:
-        self.entry = None
+        """Forget W0[idx] and any write (the weight is taken as W0 from now on)."""
+        self.entry = self.written = None
 
     def __reduce__(self) -> tuple:  # copies and pickles start empty
         return (W0Cache, ())
 
 
-def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, orig=None, cache=None):
+class Hold:
+    """One pending backward pass that needs W0 + δ in place; :meth:`release` once, or on deletion.
+
+    The last release restores W0. A graph freed without its backward deletes its holds.
+    """
+
+    __slots__ = ("cache", "weight", "indices", "live")
+
+    def __init__(self, cache: W0Cache, weight: torch.Tensor, indices: torch.Tensor) -> None:
+        # weak references: a tensor held from the autograd graph's context would tie Python
+        # objects into the graph (the graph itself keeps both alive while it exists)
+        self.cache, self.weight, self.indices = cache, weakref.ref(weight), weakref.ref(indices)
+        self.live = True
+
+    def release(self) -> None:
+        if self.live:
+            self.live = False
+            self.cache.holds -= 1
+            weight, indices = self.weight(), self.indices()
+            if self.cache.holds == 0 and weight is not None and indices is not None:
+                self.cache.restore(weight, indices)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown, a weight already gone: nothing left to restore
+            pass
+
+
+def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache=None):
     """A context giving the effective weight: patched in place without noise, a new tensor with it."""
     if noise_amp > 0.0 and noise:
         from contextlib import nullcontext
 
         return nullcontext(effective(weight, delta, indices, noise, noise_amp, noise_seed))
-    return patched(weight, delta, indices, orig, cache)
+    return patched(weight, delta, indices, cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,20 +456,30 @@ class SparseDeltaFunction(torch.autograd.Function):
             )
         cdtype = autocast_dtype(x.device.type)
         x_dtype, bias_dtype = x.dtype, None if bias is None else bias.dtype
-        weight_ctx = _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache=cache)
-        with torch.autocast(x.device.type, enabled=False), weight_ctx as w:
-            if cdtype is not None:
-                x, w = x.to(cdtype), w.to(cdtype)
-                bias = bias.to(cdtype) if bias is not None else None
-            elif x.dtype != w.dtype:
-                raise RuntimeError(
-                    f"input dtype {x.dtype} does not match the FROG layer's weight dtype {w.dtype}"
-                )
-            y = op.forward(x, w, bias)
-            del w
+        cache = cache if cache is not None else W0Cache()  # W0[idx] for backward's write, at least
+        noisy = noise_amp > 0.0 and bool(noise)
+        hold = None
+        if (ctx.needs_input_grad[0] and not noisy and weight.device.type == "cpu"
+                and weight.is_contiguous() and indices.numel() > 0):
+            hold = cache.hold(weight, delta, indices)  # W0 + δ stays in place for backward
+        try:
+            with torch.autocast(x.device.type, enabled=False), \
+                    _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache) as w:
+                if cdtype is not None:
+                    x, w = x.to(cdtype), w.to(cdtype)
+                    bias = bias.to(cdtype) if bias is not None else None
+                elif x.dtype != w.dtype:
+                    raise RuntimeError(
+                        f"input dtype {x.dtype} does not match the FROG layer's weight dtype {w.dtype}"
+                    )
+                y = op.forward(x, w, bias)
+                del w
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
         ctx.op, ctx.noise, ctx.noise_amp, ctx.noise_seed, ctx.cdtype = op, noise, noise_amp, noise_seed, cdtype
-        # W0[idx] (k values), reused by backward's patch of the weight for the input gradient
-        ctx.orig = getattr(weight_ctx, "orig", None) if ctx.needs_input_grad[0] else None
+        ctx.cache, ctx.hold = cache, hold
         ctx.x_shape, ctx.x_dtype, ctx.bias_dtype = x.shape, x_dtype, bias_dtype
         need_x = ctx.needs_input_grad[1]
         ctx.save_for_backward(x if need_x else None, delta, weight, indices)
@@ -397,12 +493,16 @@ class SparseDeltaFunction(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out if ctx.cdtype is None else grad_out.to(ctx.cdtype)
             if need_x:
-                with _weight_for(weight, delta, indices, ctx.noise, ctx.noise_amp, ctx.noise_seed,
-                                 ctx.orig) as w:
-                    if ctx.cdtype is not None:
-                        w = w.to(ctx.cdtype)
-                    gx = ctx.op.grad_input(g, ctx.x_shape, w).to(ctx.x_dtype)
-                    del w
+                try:  # writes W0 + δ again only if the forward's held write is gone
+                    with _weight_for(weight, delta, indices, ctx.noise, ctx.noise_amp,
+                                     ctx.noise_seed, ctx.cache) as w:
+                        if ctx.cdtype is not None:
+                            w = w.to(ctx.cdtype)
+                        gx = ctx.op.grad_input(g, ctx.x_shape, w).to(ctx.x_dtype)
+                        del w
+                finally:
+                    if ctx.hold is not None:
+                        ctx.hold.release()
             if need_delta and indices.numel() > 0:
                 gd = ctx.op.grad_at(g, x, weight.shape, indices).to(delta.dtype)
             elif need_delta:
