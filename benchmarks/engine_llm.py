@@ -20,7 +20,10 @@ torch thread all of a CPU step runs on the training thread, while the process ti
 the sampler's, which grows with the step's wall time (a step slowed by other load is charged
 more sampling). The model's own size is reported for the ratio ``prepare adds / model size``.
 
-Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--device cuda`` on a GPU
+Run: ``python benchmarks/engine_llm.py --layers 4 --steps 3`` (CPU); ``--seq 64,128,256
+--repeat 3`` measures each token count in 3 rounds, every method once per round (alternated, so
+a change in the machine's load hits both), with each FROG / LoRA ratio taken within its round and
+the median over rounds; ``--device cuda`` on a GPU
 (peak memory is then ``torch.cuda.max_memory_allocated``); ``--profile N`` prints where one step's CPU
 time goes (the N ops with the most self time, per method); ``--fixture DIR`` loads a sharded bf16
 checkpoint (the full 1.1B: ``benchmarks/fixtures/tinyllama``) instead. Prints a Markdown table.
@@ -168,12 +171,18 @@ def run_one(method: str, layers: int, rank: int, seq: int, steps: int, device: s
             "step_peak_mb": step_peak / 2**20}
 
 
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=22, help="decoder blocks kept (TinyLlama has 22)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank; FROG gets the same count")
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--seq", default="64", help="tokens per step; a comma list runs each in turn")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds per token count; each round runs every method once, in order")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="lora,frog,frog+noise")
     ap.add_argument("--threads", type=int, default=1,
@@ -185,41 +194,61 @@ def main() -> None:
                     help="print the N ops with the most self CPU time in one more step (torch.profiler)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    seqs = [int(s) for s in str(a.seq).split(",")]
     if a.one:
-        print(json.dumps(run_one(a.one, a.layers, a.rank, a.seq, a.steps, a.device, a.threads,
+        print(json.dumps(run_one(a.one, a.layers, a.rank, seqs[0], a.steps, a.device, a.threads,
                                  a.fixture, a.save_delta, a.profile)))
         return
     rows = []
-    for m in a.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", m, "--layers", str(a.layers), "--rank", str(a.rank),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--device", a.device,
-               "--threads", str(a.threads)]
-        cmd += ["--fixture", a.fixture] if a.fixture else []
-        cmd += ["--save-delta", a.save_delta] if a.save_delta else []
-        cmd += ["--profile", str(a.profile)] if a.profile else []
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if out.returncode:
-            sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
-        if a.profile:
-            print(f"## {m}: one step, torch.profiler\n{out.stderr}", file=sys.stderr)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"# {rows[-1]}", file=sys.stderr)
-    lora = next((r for r in rows if r["method"] == "lora"), None)
+    for seq in seqs:
+        for rnd in range(1, a.repeat + 1):
+            for m in a.methods.split(","):
+                cmd = [sys.executable, __file__, "--one", m, "--layers", str(a.layers),
+                       "--rank", str(a.rank), "--seq", str(seq), "--steps", str(a.steps),
+                       "--device", a.device, "--threads", str(a.threads)]
+                cmd += ["--fixture", a.fixture] if a.fixture else []
+                cmd += ["--save-delta", a.save_delta] if a.save_delta else []
+                cmd += ["--profile", str(a.profile)] if a.profile else []
+                before = _load()
+                out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                if out.returncode:
+                    sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+                if a.profile:
+                    print(f"## {m}: one step, torch.profiler\n{out.stderr}", file=sys.stderr)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(dict(r, seq=seq, round=rnd, load=f"{before}–{_load()}"))
+                print(f"# {rows[-1]}", file=sys.stderr)
     blocks = f"{a.fixture} (all blocks)" if a.fixture else f"{a.layers} of 22 blocks"
-    print(f"TinyLlama-1.1B shapes, {blocks}, bf16, rank {a.rank}, "
-          f"seq {a.seq}, {a.steps} timed steps, device {a.device}; model {rows[0]['model_mb']:.0f} MiB\n")
-    print("| method | trainable | prepare adds (MiB) | adds / model | prepare (s) | step wall (s) "
-          "| step CPU (s) | step CPU, training thread (s) | step peak (MiB) | step CPU / LoRA "
-          "| thread CPU / LoRA | step peak / LoRA |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"TinyLlama-1.1B shapes, {blocks}, bf16, rank {a.rank}, {a.steps} timed steps, "
+          f"device {a.device}; model {rows[0]['model_mb']:.0f} MiB\n")
+    print("| tokens | round | method | trainable | prepare adds (MiB) | adds / model | prepare (s) "
+          "| step wall (s) | step CPU (s) | step CPU, training thread (s) | step peak (MiB) "
+          "| step CPU / LoRA | thread CPU / LoRA | step peak / LoRA | load (1 min, before–after) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios: dict[tuple, list] = {}
     for r in rows:
-        rt = f"{r['step_cpu_s'] / lora['step_cpu_s']:.2f}" if lora else "-"
-        rth = f"{r['step_thread_cpu_s'] / lora['step_thread_cpu_s']:.3f}" if lora else "-"
-        rp = f"{r['step_peak_mb'] / lora['step_peak_mb']:.3f}" if lora else "-"
-        print(f"| {r['method']} | {r['trainable']:,} | {r['prepare_add_mb']:.1f} | "
-              f"{r['prepare_add_mb'] / r['model_mb']:.1%} | {r['prepare_s']:.1f} | {r['step_s']:.2f} | "
-              f"{r['step_cpu_s']:.2f} | {r['step_thread_cpu_s']:.3f} | "
-              f"{r['step_peak_mb']:.0f} | {rt} | {rth} | {rp} |")
+        lora = next((q for q in rows if q["method"] == "lora" and q["seq"] == r["seq"]
+                     and q["round"] == r["round"]), None)
+        rt = rth = rp = "-"
+        if lora:
+            rt = f"{r['step_cpu_s'] / lora['step_cpu_s']:.2f}"
+            rth = f"{r['step_thread_cpu_s'] / lora['step_thread_cpu_s']:.3f}"
+            rp = f"{r['step_peak_mb'] / lora['step_peak_mb']:.3f}"
+            ratios.setdefault((r["seq"], r["method"]), []).append(
+                (r["step_thread_cpu_s"] / lora["step_thread_cpu_s"], r["step_peak_mb"] / lora["step_peak_mb"]))
+        print(f"| {r['seq']} | {r['round']} | {r['method']} | {r['trainable']:,} | "
+              f"{r['prepare_add_mb']:.1f} | {r['prepare_add_mb'] / r['model_mb']:.1%} | "
+              f"{r['prepare_s']:.1f} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
+              f"{r['step_thread_cpu_s']:.3f} | {r['step_peak_mb']:.0f} | {rt} | {rth} | {rp} | {r['load']} |")
+    if a.repeat > 1 and ratios:
+        print("\n| tokens | method | rounds | thread CPU / LoRA: median (min–max) | step peak / LoRA: median (min–max) |")
+        print("|---|---|---|---|---|")
+        for (seq, m), v in ratios.items():
+            if m == "lora":
+                continue
+            t, p = [x[0] for x in v], [x[1] for x in v]
+            print(f"| {seq} | {m} | {len(v)} | {statistics.median(t):.3f} ({min(t):.3f}–{max(t):.3f}) | "
+                  f"{statistics.median(p):.3f} ({min(p):.3f}–{max(p):.3f}) |")
 
 
 if __name__ == "__main__":

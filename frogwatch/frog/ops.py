@@ -5,11 +5,12 @@ The custom function saves for backward only the layer input, ``delta``, ``W0`` a
 delta`` is written into the k selected entries of W0's storage for the matmuls and the k original
 values are written back bit for bit (:class:`patched`, :class:`W0Cache`); on the CPU the forward's
 write is held until the backward's input gradient has used it (two passes over the k scattered
-entries per step instead of four). With noise a dense noisy copy is built for the running layer. Backward forms delta's gradient only at the selected indices. Dense
-layers on the CPU take a sampled dense-dense product (SDDMM, k dot products over the tokens) when
-it is cheaper than the dense product, else only the block of rows x columns holding a selection
-is multiplied; Conv2d always uses ``torch.nn.grad.conv2d_weight``. Under
-``torch.autocast`` the layer casts to the autocast dtype itself, in forward and backward alike.
+entries per step instead of four). With noise a dense noisy copy is built for the running layer.
+Backward forms delta's gradient only at the selected indices. Dense layers on the CPU take a
+sampled dense-dense product (SDDMM, k dot products over the tokens) when it is cheaper than the
+dense product, else only the block of rows x columns holding a selection is multiplied; Conv2d
+always uses ``torch.nn.grad.conv2d_weight``. Under ``torch.autocast`` the layer casts to the
+autocast dtype itself, in forward and backward alike.
 
 Noise amplitude: the relevance S of a frozen weight is kept compactly (:class:`NoiseAmplitude`:
 one byte per entry, or rank-r factors) and decoded transiently for the layer that is running.
