@@ -50,6 +50,8 @@ MODULES: dict[str, list[str]] = {
     # the engine (frogwatch/frog/engine.py only re-exports these three)
     "frogwatch/frog/ops.py": ["tests/test_frog_ops.py", "tests/test_engine.py", "tests/test_engine_w0cache.py",
                               "tests/test_engine_hold.py"],
+    "frogwatch/frog/patch.py": ["tests/test_engine_w0cache.py", "tests/test_engine_hold.py", "tests/test_engine.py",
+                                "tests/test_frog_ops.py"],
     "frogwatch/frog/layer.py": ["tests/test_frog_layer.py", "tests/test_engine.py", "tests/test_engine_w0cache.py",
                                 "tests/test_engine_hold.py"],
     "frogwatch/frog/model.py": ["tests/test_frog_model.py", "tests/test_engine.py", "tests/test_engine_merge.py"],

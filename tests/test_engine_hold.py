@@ -1,4 +1,4 @@
-"""The held write of W0 + δ between a training forward on the CPU and its backward (``ops.Hold``).
+"""The held write of W0 + δ between a training forward on the CPU and its backward (``patch.Hold``).
 
 A training forward leaves ``W0[idx] + δ`` in the weight's storage for the backward's input
 gradient, which writes W0 back. References: ``F.linear`` on the dense effective weight

@@ -1,4 +1,4 @@
-"""The in-place patch of W0 with the per-layer cache of W0[idx] (``ops.W0Cache``).
+"""The in-place patch of W0 with the per-layer cache of W0[idx] (``patch.W0Cache``).
 
 References: ``F.linear`` on the dense effective weight (``W0[mask] += delta`` in the weight's
 dtype), the same training without the cache (``frog.w0_cache = None``: W0[idx] read from the
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frogwatch.frog import ops
+from frogwatch.frog import patch
 from frogwatch.frog.model import merge, prepare
 
 
@@ -95,14 +95,14 @@ def test_cache_holds_the_k_values_and_every_write_takes_them(monkeypatch):
     assert entry[3].dtype == torch.bfloat16 and entry[3].shape == (int(mask.sum()),)
     assert torch.equal(entry[3], layer.weight.detach()[mask])
     reads = []
-    real_get = ops.W0Cache.get
+    real_get = patch.W0Cache.get
 
     def spy(self, weight, indices):
         out = real_get(self, weight, indices)
         reads.append(out)
         return out
 
-    monkeypatch.setattr(ops.W0Cache, "get", spy)
+    monkeypatch.setattr(patch.W0Cache, "get", spy)
     layer(x).sum().backward()
     layer(x.detach()).sum().backward()  # no input gradient: written and restored in the forward
     assert layer.frog.w0_cache.entry is entry  # not read again

@@ -10,7 +10,7 @@ stays true) and it gains one child module, ``frog`` (:class:`FrogDelta`), holdin
 * only with noise: non-persistent buffers coding the relevance S compactly (see
   :class:`~frogwatch.frog.ops.NoiseAmplitude`);
 * ``frog.w0_cache`` — the k frozen values W0[idx] and the state of the in-place write of
-  W0 + δ (:class:`~frogwatch.frog.ops.W0Cache`, not state: filled by the first call, refreshed
+  W0 + δ (:class:`~frogwatch.frog.patch.W0Cache`, not state: filled by the first call, refreshed
   when the weight or the indices change).
 
 Between a training forward on the CPU and its backward, ``weight`` holds W0 + δ at the selected
@@ -37,6 +37,7 @@ from torch import nn
 
 from . import ops
 from .config import FrogConfig
+from .patch import W0Cache
 
 __all__ = [
     "FrogConv2d",
@@ -114,7 +115,7 @@ class FrogDelta(nn.Module):
             self.register_buffer(k, v, persistent=False)
         self.layer_index = layer_index
         self.frog_state = state
-        self.w0_cache = ops.W0Cache()
+        self.w0_cache = W0Cache()
 
     def restore(self, weight: torch.Tensor) -> None:
         """Write W0 back into ``weight``'s selected entries if a held write left W0 + δ there.
