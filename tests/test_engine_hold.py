@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from frogwatch.frog import ops
+from frogwatch.frog import ops, patch
 from frogwatch.frog.layer import effective_weight
 from frogwatch.frog.model import merge, prepare
 
@@ -277,3 +277,65 @@ def test_fully_shard_frog_shards_w0_not_a_held_write(monkeypatch):
     assert not torch.equal(raw(model[0]), w0)
     fully_shard_frog(model, blocks=[])
     assert len(seen) == 2 and all(torch.equal(s, w0) for s in seen)
+
+
+def test_two_passes_also_when_delta_is_invisible():
+    layer, mask, w0 = make_layer(init_scale=0.0)  # nothing to probe: W0 + δ is W0
+    with CountIndexCopy() as count:
+        layer(x_in(layer)).sum().backward()
+    assert count.n == 2
+
+
+def test_a_delta_changed_in_place_while_a_write_is_held_is_written_again():
+    layer, mask, w0 = make_layer()
+    x = x_in(layer)
+    pending = layer(x)  # noqa: F841  (held with this δ)
+    with torch.no_grad():
+        layer.frog_delta.mul_(-1.0)  # a new version of the same tensor (an optimizer step)
+    assert torch.equal(layer(x.detach()), F.linear(x.detach(), w_eff(w0, mask, layer), layer.bias.detach()))
+
+
+@pytest.mark.parametrize("then", ["forward", "release"])
+def test_a_reload_while_a_write_is_held(then):
+    """New base weights loaded between a forward and its (never coming) backward are the new W0."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.fill_(256.0)  # a bf16 step of 2: δ = 0.5 is invisible against it
+    mask = torch.rand(16, 16, generator=torch.Generator().manual_seed(0)) < 0.3
+    prepare(layer, {"": mask})
+    with torch.no_grad():
+        layer.frog_delta.fill_(0.5)
+    x = x_in(layer)
+    pending = layer(x)
+    new = torch.ones(16, 16, dtype=torch.bfloat16)  # δ = 0.5 is visible against 1
+    layer.load_state_dict({"weight": new}, strict=False)  # (state_dict() itself would restore W0)
+    if then == "forward":
+        want = F.linear(x.detach(), w_eff(new, mask, layer), layer.bias.detach())
+        assert torch.equal(layer(x.detach()), want)
+    else:
+        del pending  # its release must not write the old W0 into the new weights
+        assert torch.equal(raw(layer), new)
+
+
+def test_a_release_after_the_storage_was_freed_writes_nothing():
+    """FSDP2 frees the unsharded weight's storage after forward (``resize_(0)``)."""
+    w = torch.randn(8, 8).to(torch.bfloat16)
+    idx = torch.tensor([1, 9, 30])
+    cache = patch.W0Cache()
+    hold = cache.hold(w, torch.full((3,), 0.5), idx)
+    w.untyped_storage().resize_(0)
+    hold.release()  # no write into the freed storage (its address is not the written one), no error
+    assert cache.holds == 0 and cache.written is None
+
+
+def test_a_failed_write_leaves_no_hold(monkeypatch):
+    layer, mask, w0 = make_layer()
+
+    def fail(*args):
+        raise RuntimeError("write failed")
+
+    monkeypatch.setattr(patch.W0Cache, "write", fail)
+    with pytest.raises(RuntimeError, match="write failed"):
+        layer(x_in(layer))
+    assert layer.frog.w0_cache.holds == 0

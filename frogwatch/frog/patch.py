@@ -96,8 +96,7 @@ class W0Cache:
     def restore(self, weight: torch.Tensor, indices: torch.Tensor) -> None:
         """Write W0[idx] back into ``weight`` if this cache wrote W0 + δ there and it still does."""
         w, self.written = self.written, None
-        if w is None or self.entry is None or w[0] != self._key(weight, indices) \
-                or self.entry[0] != w[0] or weight.untyped_storage().nbytes() == 0:
+        if w is None or self.entry is None or w[0] != self._key(weight, indices):
             return  # replaced, reloaded or (FSDP2) freed since the write: W0 is not ours to restore
         weight.data.view(-1).index_copy_(0, indices.long(), self.entry[3])
 
