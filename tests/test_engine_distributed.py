@@ -47,14 +47,18 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def build(dtype: torch.dtype):
-    """Same model, masks and data on every rank (seeded); bases in ``dtype``, deltas float32."""
+def build(dtype: torch.dtype, noise: float = 0.05):
+    """Same model, masks and data on every rank (seeded); bases in ``dtype``, deltas float32.
+
+    ``noise=0``: the layers compute in place with the forward's write held for backward (the
+    held write must survive FSDP2's reshard and refill of the unsharded weights).
+    """
     torch.manual_seed(0)
     model = Net().to(dtype)
     g = torch.Generator().manual_seed(1)
     masks = {n: torch.rand(m.weight.shape, generator=g) < 0.2
              for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    prepare(model, masks, init_scale=0.02, noise_scale=0.05, seed=4)
+    prepare(model, masks, init_scale=0.02, noise_scale=noise, seed=4)
     data = torch.randn(STEPS, WORLD * BATCH, 10, generator=g).to(dtype)
     target = torch.randn(STEPS, WORLD * BATCH, 4, generator=g)
     return model, data, target
@@ -78,7 +82,7 @@ def train(model, opt, data, target, rank=None, backward=None):
         opt.step()
 
 
-def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype) -> None:
+def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype, noise: float) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from frogwatch.frog.distributed import fully_shard_frog
@@ -87,7 +91,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype) -> None
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
-        model, data, target = build(dtype)
+        model, data, target = build(dtype, noise)
         w0 = {n: full(p).detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         fully_shard_frog(model, mesh=init_device_mesh("cpu", (WORLD,)))
         sharded = [n for n, p in model.named_parameters() if hasattr(p, "full_tensor")]
@@ -111,7 +115,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str, dtype: torch.dtype) -> None
     leave_worker()
 
 
-def _accelerate_worker(rank: int, port: int, out_dir: str) -> None:
+def _accelerate_worker(rank: int, port: int, out_dir: str, noise: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -119,7 +123,7 @@ def _accelerate_worker(rank: int, port: int, out_dir: str) -> None:
 
     acc = Accelerator(cpu=True)
     try:
-        model, data, target = build(torch.float32)
+        model, data, target = build(torch.float32, noise)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
         wrapped, opt = acc.prepare(model, opt)
         assert isinstance(wrapped, nn.parallel.DistributedDataParallel)
@@ -137,8 +141,8 @@ def _accelerate_worker(rank: int, port: int, out_dir: str) -> None:
     leave_worker()
 
 
-def _single(dtype: torch.dtype) -> torch.Tensor:
-    model, data, target = build(dtype)
+def _single(dtype: torch.dtype, noise: float) -> torch.Tensor:
+    model, data, target = build(dtype, noise)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
     start = deltas(model)
     train(model, opt, data, target)
@@ -146,14 +150,14 @@ def _single(dtype: torch.dtype) -> torch.Tensor:
     return deltas(model)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fsdp2_equals_single_process(tmp_path, dtype):
+@pytest.mark.parametrize("dtype, noise", [(torch.float32, 0.05), (torch.bfloat16, 0.05), (torch.float32, 0.0)])
+def test_fsdp2_equals_single_process(tmp_path, dtype, noise):
     pytest.importorskip("torch.distributed.fsdp")
-    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path), dtype), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path), dtype, noise), nprocs=WORLD, join=True)
     res = torch.load(tmp_path / "fsdp.pt")
     assert res["frozen_ok"]
     assert res["n_sharded"] == res["n_params"]  # every parameter (bases and deltas) is sharded
-    ref = _single(dtype)
+    ref = _single(dtype, noise)
     assert res["deltas"].dtype == torch.float32  # master deltas stay float32 on a bf16 model
     # fp32: only the order of the gradient sums differs; bf16: the halves' products round apart
     # (SGD, so that a rounding difference stays as small as the gradient it perturbs)
@@ -161,9 +165,10 @@ def test_fsdp2_equals_single_process(tmp_path, dtype):
     torch.testing.assert_close(res["deltas"], ref, **tol)
 
 
-def test_accelerate_ddp_equals_single_process(tmp_path):
+@pytest.mark.parametrize("noise", [0.05, 0.0])
+def test_accelerate_ddp_equals_single_process(tmp_path, noise):
     pytest.importorskip("accelerate")
-    mp.spawn(_accelerate_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_accelerate_worker, args=(free_port(), str(tmp_path), noise), nprocs=WORLD, join=True)
     ranks = torch.load(tmp_path / "accelerate.pt")["deltas"]
     assert torch.equal(ranks[0], ranks[1])
-    torch.testing.assert_close(ranks[0], _single(torch.float32), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ranks[0], _single(torch.float32, noise), rtol=1e-4, atol=1e-6)
