@@ -30,8 +30,8 @@ class W0Cache:
     is two passes over the k entries per step instead of four. While held, ``layer.weight``
     holds W0 + δ at the selection; the layer's ``state_dict``, pickling, copies,
     ``effective_weight``, ``merge`` and ``fully_shard_frog`` restore W0 first, and the backward
-    writes again whenever the weight no longer holds this δ (restored, or refilled by FSDP2: one
-    written entry that differs from W0 is checked).
+    writes again whenever the weight no longer holds this δ (restored, reloaded, or refilled by
+    FSDP2: the weight's key and one written entry that differs from W0 are checked).
 
     The cached values are used while the weight is the same tensor with the same storage, version
     counter, dtype, device and shape, and the indices the same tensor with the same version;
