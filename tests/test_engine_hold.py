@@ -339,3 +339,87 @@ def test_a_failed_write_leaves_no_hold(monkeypatch):
     with pytest.raises(RuntimeError, match="write failed"):
         layer(x_in(layer))
     assert layer.frog.w0_cache.holds == 0
+
+
+@pytest.mark.parametrize("case", ["one_entry", "noise_decayed_to_zero"])
+def test_two_passes_with_one_entry_and_with_noise_at_amplitude_zero(case):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16).to(torch.bfloat16)
+    if case == "one_entry":
+        mask = torch.zeros(16, 16, dtype=torch.bool)
+        mask[3, 5] = True
+        prepare(layer, {"": mask}, init_scale=0.5)
+    else:  # noise codes are kept, but the linear schedule is at 0 from the second step on
+        mask = torch.rand(16, 16, generator=torch.Generator().manual_seed(0)) < 0.3
+        prepare(layer, {"": mask}, init_scale=0.5, noise_scale=0.1, noise_schedule="linear",
+                noise_steps=1)
+        layer(x_in(layer)).sum().backward()  # step 0: noise on (a dense noisy copy, no write)
+    w0 = layer.weight.detach().clone()
+    we = w_eff(w0, mask, layer)
+    x = x_in(layer)
+    g = torch.randn(3, 16, dtype=torch.bfloat16)
+    with CountIndexCopy() as count:
+        y = layer(x)
+        y.backward(g)
+    assert count.n == 2 and torch.equal(raw(layer), w0)
+    y_ref, gx_ref = reference(layer, we, x, g)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, gx_ref)
+
+
+def test_a_non_contiguous_weight_gets_a_dense_copy_and_is_never_written():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12).to(torch.bfloat16)
+    w0 = layer.weight.detach().clone()
+    layer.weight = nn.Parameter(w0.t().contiguous().t(), requires_grad=False)  # same values, strided
+    mask = torch.rand(12, 16, generator=torch.Generator().manual_seed(0)) < 0.3
+    prepare(layer, {"": mask}, init_scale=0.5)
+    assert not layer.weight.is_contiguous()
+    x = x_in(layer)
+    g = torch.randn(3, 12, dtype=torch.bfloat16)
+    with CountIndexCopy() as count:
+        y = layer(x)
+        y.backward(g)
+    assert count.n == 0 and torch.equal(layer.weight, w0)
+    y_ref, gx_ref = reference(layer, w_eff(w0, mask, layer), x, g)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, gx_ref)
+
+
+def test_an_empty_selection_computes_with_w0():
+    with pytest.warns(UserWarning, match="select nothing"):
+        layer, _, w0 = make_layer(frac=0.0)
+    x = x_in(layer)
+    g = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    y.backward(g)
+    y_ref, gx_ref = reference(layer, w0, x, g)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, gx_ref)
+    assert layer.frog_delta.grad.shape == (0,)
+
+
+def test_autocast_without_a_bias():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16, bias=False)
+    mask = torch.rand(16, 16, generator=torch.Generator().manual_seed(0)) < 0.3
+    prepare(layer, {"": mask}, init_scale=0.5)
+    w0 = layer.weight.detach().clone()
+    w = w0.clone()
+    w[mask] += layer.frog_delta.detach()
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.detach().to(torch.bfloat16), w.to(torch.bfloat16)))
+    y.float().sum().backward()
+    assert x.grad is not None and torch.equal(layer.weight, w0)
+
+
+def test_clear_messages_for_a_trainable_w0_and_a_dtype_mismatch():
+    layer, _, _ = make_layer()
+    with pytest.raises(RuntimeError, match="^input dtype torch.float32 does not match the FROG "
+                                           "layer's weight dtype torch.bfloat16$"):
+        layer(torch.randn(2, 16))
+    layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"^the frozen weight W0 of a FROG layer requires grad; "
+                                           r"FROG trains only frog_delta \(and, with train_bias, "
+                                           r"the bias\)\. Call requires_grad_\(False\) on it again\.$"):
+        layer(x_in(layer))

@@ -160,16 +160,14 @@ class patched:
     """``with patched(weight, delta, indices, cache) as w:`` — W0 + scatter(delta) without a dense copy.
 
     Writes ``W0[idx] + delta`` (rounded to the weight's dtype, as ``effective`` does) into the
-    selected entries of the weight's storage through ``cache`` (``W0Cache.write``; a fresh one
-    when None), yields the weight, and on exit writes the k original values back, bit for bit,
-    unless a pending backward pass holds the write (``W0Cache.hold``). A non-contiguous weight
-    gets a dense copy instead.
+    selected entries of the weight's storage through ``cache`` (``W0Cache.write``), yields the
+    weight, and on exit writes the k original values back, bit for bit, unless a pending backward
+    pass holds the write (``W0Cache.hold``). A non-contiguous weight gets a dense copy instead.
     """
 
     def __init__(self, weight: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor,
-                 cache: W0Cache | None = None) -> None:
-        self.weight, self.delta, self.indices = weight, delta, indices
-        self.cache = cache if cache is not None else W0Cache()
+                 cache: W0Cache) -> None:
+        self.weight, self.delta, self.indices, self.cache = weight, delta, indices, cache
         self._wrote = False
 
     def __enter__(self) -> torch.Tensor:
@@ -185,7 +183,7 @@ class patched:
         self._wrote = False
 
 
-def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache=None):
+def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache):
     """A context giving the effective weight: patched in place without noise, a new tensor with it."""
     if noise_amp > 0.0 and noise:
         from contextlib import nullcontext
