@@ -423,3 +423,11 @@ def test_clear_messages_for_a_trainable_w0_and_a_dtype_mismatch():
                                            r"FROG trains only frog_delta \(and, with train_bias, "
                                            r"the bias\)\. Call requires_grad_\(False\) on it again\.$"):
         layer(x_in(layer))
+
+
+def test_state_dict_keep_vars_between_forward_and_backward():
+    layer, mask, w0 = make_layer()
+    y = layer(x_in(layer))
+    sd = layer.state_dict(keep_vars=True)
+    assert sd["weight"] is layer.weight and torch.equal(sd["weight"], w0)
+    y.sum().backward()
