@@ -245,8 +245,8 @@ def test_an_exception_in_the_forward_releases_the_hold(monkeypatch):
     assert torch.equal(raw(layer), w0) and layer.frog.w0_cache.holds == 0
 
 
-def test_no_hold_without_a_layer_cache():
-    """``ops.apply`` without a cache uses a fresh one per call; the backward still holds its own."""
+def test_ops_apply_without_a_layer_cache_holds_with_a_cache_of_its_own():
+    """``ops.apply`` without a cache makes one per call; the write is still held until backward."""
     torch.manual_seed(0)
     w0 = torch.randn(8, 8).to(torch.bfloat16)
     w = w0.clone()
