@@ -127,6 +127,16 @@ class NoiseAmplitude:
 # --------------------------------------------------------------------------------------------
 
 
+def _noisy(noise: dict[str, torch.Tensor] | None, noise_amp: float) -> bool:
+    """This call adds noise: a positive amplitude and noise codes to draw it from."""
+    return noise_amp > 0.0 and bool(noise)
+
+
+def _in_place(weight: torch.Tensor, indices: torch.Tensor) -> bool:
+    """W0 + delta is written into W0's storage (else a dense copy, or W0 itself when k = 0)."""
+    return weight.is_contiguous() and indices.numel() > 0
+
+
 def effective(
     weight: torch.Tensor,
     delta: torch.Tensor,
@@ -142,7 +152,7 @@ def effective(
     without noise.
     """
     d = delta.detach().to(weight.dtype)
-    if noise_amp > 0.0 and noise:
+    if _noisy(noise, noise_amp):
         eps = torch.randn(weight.shape, generator=generator(noise_seed, weight.device),
                           device=weight.device, dtype=weight.dtype)
         w = torch.addcmul(weight, NoiseAmplitude.decode(noise, weight.shape, weight.dtype), eps,
@@ -172,7 +182,7 @@ class patched:
 
     def __enter__(self) -> torch.Tensor:
         w = self.weight
-        if not w.is_contiguous() or self.indices.numel() == 0:
+        if not _in_place(w, self.indices):
             return effective(w, self.delta, self.indices, None, 0.0, 0) if self.indices.numel() else w.detach()
         self._wrote = True
         return self.cache.write(w, self.delta, self.indices)
@@ -185,7 +195,7 @@ class patched:
 
 def _weight_for(weight, delta, indices, noise, noise_amp, noise_seed, cache):
     """A context giving the effective weight: patched in place without noise, a new tensor with it."""
-    if noise_amp > 0.0 and noise:
+    if _noisy(noise, noise_amp):
         from contextlib import nullcontext
 
         return nullcontext(effective(weight, delta, indices, noise, noise_amp, noise_seed))
@@ -325,10 +335,9 @@ class SparseDeltaFunction(torch.autograd.Function):
         cdtype = autocast_dtype(x.device.type)
         x_dtype, bias_dtype = x.dtype, None if bias is None else bias.dtype
         cache = cache if cache is not None else W0Cache()  # W0[idx] for backward's write, at least
-        noisy = noise_amp > 0.0 and bool(noise)
         hold = None
-        if (ctx.needs_input_grad[0] and not noisy and weight.device.type == "cpu"
-                and weight.is_contiguous() and indices.numel() > 0):
+        if (ctx.needs_input_grad[0] and weight.device.type == "cpu" and not _noisy(noise, noise_amp)
+                and _in_place(weight, indices)):
             hold = cache.hold(weight, delta, indices)  # W0 + δ stays in place for backward
         try:
             with torch.autocast(x.device.type, enabled=False), \
