@@ -360,6 +360,7 @@ def test_two_passes_with_one_entry_and_with_noise_at_amplitude_zero(case):
     g = torch.randn(3, 16, dtype=torch.bfloat16)
     with CountIndexCopy() as count:
         y = layer(x)
+        assert layer.frog.w0_cache.holds == 1  # written in place and held, not a dense copy
         y.backward(g)
     assert count.n == 2 and torch.equal(raw(layer), w0)
     y_ref, gx_ref = reference(layer, we, x, g)
